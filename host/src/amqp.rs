@@ -1,0 +1,177 @@
+//! Broker plumbing shared by the node and the client: connecting with an
+//! error that says where, and declaring the topology of [`crate::wire`].
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
+
+use crate::names::ModuleName;
+use crate::wire::{Topology, UNROUTED_TTL_MS};
+
+/// The default broker URL: a local RabbitMQ with its default vhost.
+pub const DEFAULT_URL: &str = "amqp://127.0.0.1:5672/%2f";
+
+/// How long to wait for the broker to accept a connection.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Connects to the broker; the error names the URL (without its password).
+pub async fn connect(url: &str, connection_name: &str) -> anyhow::Result<Connection> {
+    let properties = ConnectionProperties::default().with_connection_name(connection_name.into());
+    let connect = Connection::connect(url, properties);
+    match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
+        // The error's own text already includes its source: don't chain it.
+        Ok(connection) => connection.map_err(|error| {
+            anyhow::anyhow!("cannot connect to the broker at {}: {error}", redact(url))
+        }),
+        Err(_) => anyhow::bail!(
+            "cannot connect to the broker at {}: no answer within {} s",
+            redact(url),
+            CONNECT_TIMEOUT.as_secs()
+        ),
+    }
+}
+
+/// The URL with any password replaced, fit for logs and error messages.
+pub fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => {
+            let user = rest[..at].split(':').next().unwrap_or_default();
+            format!("{scheme}://{user}:***{}", &rest[at..])
+        }
+        None => url.to_owned(),
+    }
+}
+
+/// Declares the exchange, its alternate exchange and the queue behind it.
+/// Every node declares the same, so the first one creates them and the others
+/// merely confirm they exist.
+pub async fn declare_exchanges(channel: &Channel, topology: &Topology) -> anyhow::Result<()> {
+    let durable = ExchangeDeclareOptions {
+        durable: true,
+        ..ExchangeDeclareOptions::default()
+    };
+    let unrouted = topology.unrouted_exchange();
+    channel
+        .exchange_declare(
+            unrouted.as_str().into(),
+            ExchangeKind::Fanout,
+            durable,
+            FieldTable::default(),
+        )
+        .await
+        .with_context(|| format!("failed to declare exchange {unrouted:?}"))?;
+    let mut arguments = FieldTable::default();
+    arguments.insert("alternate-exchange".into(), string(&unrouted));
+    channel
+        .exchange_declare(
+            topology.exchange().into(),
+            ExchangeKind::Direct,
+            durable,
+            arguments,
+        )
+        .await
+        .with_context(|| format!("failed to declare exchange {:?}", topology.exchange()))?;
+
+    let queue = topology.unrouted_queue();
+    let mut arguments = FieldTable::default();
+    arguments.insert("x-message-ttl".into(), AMQPValue::LongUInt(UNROUTED_TTL_MS));
+    declare_queue(channel, &queue, arguments).await?;
+    channel
+        .queue_bind(
+            queue.as_str().into(),
+            unrouted.as_str().into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .with_context(|| format!("failed to bind queue {queue:?} to {unrouted:?}"))?;
+    Ok(())
+}
+
+/// Declares a module's queue and binds it by the module's name. Returns the
+/// queue's name.
+pub async fn declare_module_queue(
+    channel: &Channel,
+    topology: &Topology,
+    module: &ModuleName,
+) -> anyhow::Result<String> {
+    let queue = topology.module_queue(module);
+    // A quorum queue: it survives the broker's restart and, replicated, the
+    // loss of a broker node.
+    let mut arguments = FieldTable::default();
+    arguments.insert("x-queue-type".into(), string("quorum"));
+    declare_queue(channel, &queue, arguments).await?;
+    channel
+        .queue_bind(
+            queue.as_str().into(),
+            topology.exchange().into(),
+            module.as_str().into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .with_context(|| {
+            format!(
+                "failed to bind queue {queue:?} to {:?}",
+                topology.exchange()
+            )
+        })?;
+    Ok(queue)
+}
+
+async fn declare_queue(
+    channel: &Channel,
+    queue: &str,
+    arguments: FieldTable,
+) -> anyhow::Result<()> {
+    let options = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    channel
+        .queue_declare(queue.into(), options, arguments)
+        .await
+        .with_context(|| format!("failed to declare queue {queue:?}"))?;
+    Ok(())
+}
+
+fn string(value: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(value))
+}
+
+/// The value of a string header, whichever AMQP string type carries it.
+pub fn header_str<'a>(headers: Option<&'a FieldTable>, name: &str) -> Option<&'a str> {
+    let key = ShortString::from(name);
+    match headers?.inner().get(&key)? {
+        AMQPValue::LongString(value) => std::str::from_utf8(value.as_bytes()).ok(),
+        AMQPValue::ShortString(value) => Some(value.as_str()),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact;
+
+    #[test]
+    fn redact_hides_only_the_password() {
+        assert_eq!(
+            redact("amqp://127.0.0.1:5672/%2f"),
+            "amqp://127.0.0.1:5672/%2f"
+        );
+        assert_eq!(
+            redact("amqp://guest:secret@rabbit:5672/%2f"),
+            "amqp://guest:***@rabbit:5672/%2f"
+        );
+        assert_eq!(redact("amqps://bob@rabbit/vh"), "amqps://bob:***@rabbit/vh");
+        assert_eq!(redact("not a url"), "not a url");
+    }
+}

@@ -1,0 +1,271 @@
+//! The `wasmrpc` command line: flags and environment variables become a
+//! validated configuration here, and nowhere else.
+//!
+//! Exit codes of `wasmrpc call` (also in README.md):
+//! 0 the module answered; 1 the node answered with an error (kind and message
+//! on stderr); 2 bad usage; 3 no reply within `--timeout`; 4 the broker could
+//! not be reached or refused the request.
+
+use std::io::{IsTerminal as _, Read as _, Write as _};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::client::{Client, ClientError};
+use crate::node::{self, Node, NodeConfig};
+use crate::{amqp, logging, shutdown, wire};
+
+/// WebAssembly compute over RabbitMQ: serve modules as RPC, or call them.
+///
+/// A node consumes requests whose routing key names a module, runs that
+/// module in a fresh sandbox and replies to the request's `reply_to` with its
+/// `correlation_id`. Any AMQP client can call it; see README.md for the wire
+/// contract.
+#[derive(Debug, Parser)]
+#[command(name = "wasmrpc", version)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+
+    /// Broker to connect to.
+    #[arg(long, global = true, env = "AMQP_URL", default_value = amqp::DEFAULT_URL)]
+    amqp_url: String,
+
+    /// Exchange that requests are published to; every name the node declares
+    /// on the broker derives from it.
+    #[arg(long, global = true, env = "WASMRPC_EXCHANGE", default_value = wire::DEFAULT_EXCHANGE)]
+    exchange: String,
+
+    /// Log filter, in RUST_LOG syntax (e.g. `debug`, `wasmrpc=debug,lapin=warn`).
+    /// Defaults to `info` for `serve` and `warn,lapin=off` otherwise.
+    #[arg(long, global = true, env = "RUST_LOG")]
+    log: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    Serve(ServeArgs),
+    Call(CallArgs),
+}
+
+/// Run a node: serve every `.wasm` module in a directory until SIGINT or SIGTERM.
+///
+/// Each `NAME.wasm` is served as module NAME. On the first signal the node
+/// stops taking requests, answers those in flight and exits 0; a second
+/// signal exits at once (unanswered requests return to their queues).
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// Directory of `.wasm` modules to serve.
+    #[arg(long, env = "WASMRPC_MODULES", default_value = "modules")]
+    modules: PathBuf,
+
+    /// Requests run at once [default: number of cores].
+    #[arg(long, env = "WASMRPC_CONCURRENCY", value_parser = clap::value_parser!(u32).range(1..=4096))]
+    concurrency: Option<u32>,
+
+    /// Requests the broker may hand this node per module before it acks them
+    /// [default: twice the concurrency].
+    #[arg(long, env = "WASMRPC_PREFETCH", value_parser = clap::value_parser!(u16).range(1..))]
+    prefetch: Option<u16>,
+}
+
+/// Call a module and print its reply.
+///
+/// The reply body goes to stdout. An error reply prints its kind and message
+/// to stderr. Exit codes: 0 answered, 1 error reply, 2 bad usage, 3 no reply
+/// within --timeout, 4 broker unreachable or request refused.
+#[derive(Debug, Args)]
+struct CallArgs {
+    /// Module to call, e.g. `fib`.
+    module: String,
+
+    /// The request body, e.g. `30`. `-` reads it from stdin; omitted, the body is empty.
+    arg: Option<String>,
+
+    /// How long to wait for the reply, e.g. `30s`, `500ms`, `2m`.
+    #[arg(long, env = "WASMRPC_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    timeout: Duration,
+
+    /// Print the reply body exactly, without adding a final newline.
+    #[arg(long)]
+    raw: bool,
+}
+
+/// Exit status of `wasmrpc call` when the node answers with an error.
+const EXIT_ERROR_REPLY: u8 = 1;
+/// Exit status when no reply came in time.
+const EXIT_TIMEOUT: u8 = 3;
+/// Exit status when the broker is unreachable or refuses the request.
+const EXIT_BROKER: u8 = 4;
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let default_log = match cli.command {
+        Command::Serve(_) => "info",
+        // The command reports its own errors; lapin would repeat them.
+        Command::Call(_) => "warn,lapin=off",
+    };
+    if let Err(error) = logging::init(cli.log.as_deref().unwrap_or(default_log)) {
+        eprintln!("error: {error:#}");
+        return ExitCode::from(2);
+    }
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: failed to start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match cli.command {
+        Command::Serve(args) => {
+            let config = serve_config(&cli.amqp_url, &cli.exchange, args);
+            match runtime.block_on(serve(config)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => {
+                    tracing::error!("{error:#}");
+                    eprintln!("error: {error:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Call(args) => runtime.block_on(call(&cli.amqp_url, &cli.exchange, args)),
+    }
+}
+
+fn serve_config(amqp_url: &str, exchange: &str, args: ServeArgs) -> NodeConfig {
+    let mut config = NodeConfig::new(amqp_url, args.modules);
+    config.exchange = exchange.to_owned();
+    if let Some(concurrency) = args.concurrency {
+        config.concurrency = concurrency;
+        config.prefetch = node::default_prefetch(concurrency);
+    }
+    if let Some(prefetch) = args.prefetch {
+        config.prefetch = prefetch;
+    }
+    config
+}
+
+async fn serve(config: NodeConfig) -> anyhow::Result<()> {
+    let node = Node::start(config).await?;
+    node.serve(shutdown::signal_received()).await
+}
+
+async fn call(amqp_url: &str, exchange: &str, args: CallArgs) -> ExitCode {
+    let input = match read_input(args.arg.as_deref()) {
+        Ok(input) => input,
+        Err(error) => {
+            eprintln!("error: failed to read the request body from stdin: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    let client = match Client::connect(amqp_url, exchange).await {
+        Ok(client) => client,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            return ExitCode::from(EXIT_BROKER);
+        }
+    };
+    match client.call(&args.module, &input, args.timeout).await {
+        Ok(reply) => match reply.error {
+            None => {
+                let mut stdout = std::io::stdout().lock();
+                let newline = !args.raw && !reply.body.ends_with(b"\n");
+                let written = stdout
+                    .write_all(&reply.body)
+                    .and_then(|()| {
+                        if newline {
+                            stdout.write_all(b"\n")
+                        } else {
+                            Ok(())
+                        }
+                    })
+                    .and_then(|()| stdout.flush());
+                match written {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(error) => {
+                        eprintln!("error: failed to write the reply: {error}");
+                        ExitCode::FAILURE
+                    }
+                }
+            }
+            Some(kind) => {
+                eprintln!("error ({kind}): {}", String::from_utf8_lossy(&reply.body));
+                ExitCode::from(EXIT_ERROR_REPLY)
+            }
+        },
+        Err(error @ ClientError::Timeout(_)) => {
+            eprintln!(
+                "error: {error} from module {:?}: is a wasmrpc node running on {}?",
+                args.module,
+                amqp::redact(amqp_url)
+            );
+            ExitCode::from(EXIT_TIMEOUT)
+        }
+        Err(error) => {
+            eprintln!("error: {error}");
+            ExitCode::from(EXIT_BROKER)
+        }
+    }
+}
+
+fn read_input(arg: Option<&str>) -> std::io::Result<Vec<u8>> {
+    match arg {
+        Some("-") => {
+            let mut stdin = std::io::stdin().lock();
+            if stdin.is_terminal() {
+                eprintln!("reading the request body from stdin; end it with Ctrl-D");
+            }
+            let mut input = Vec::new();
+            stdin.read_to_end(&mut input)?;
+            Ok(input)
+        }
+        Some(arg) => Ok(arg.as_bytes().to_vec()),
+        None => Ok(Vec::new()),
+    }
+}
+
+/// Parses `30`, `30s`, `500ms` or `2m`; a bare number is seconds.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let (number, unit) = match text.find(|c: char| !c.is_ascii_digit() && c != '.') {
+        Some(at) => text.split_at(at),
+        None => (text, "s"),
+    };
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration like 30s, 500ms or 2m"))?;
+    let seconds = match unit {
+        "ms" => value / 1e3,
+        "s" => value,
+        "m" => value * 60.0,
+        _ => return Err(format!("unknown unit {unit:?} in {text:?}: use ms, s or m")),
+    };
+    Duration::try_from_secs_f64(seconds)
+        .ok()
+        .filter(|duration| !duration.is_zero())
+        .ok_or_else(|| format!("{text:?} is not a positive duration"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_take_ms_s_m_or_bare_seconds() {
+        assert_eq!(parse_duration("30"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        for bad in ["", "0", "-1s", "5h", "s", "abc"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?} should be refused");
+        }
+    }
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        use clap::CommandFactory as _;
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,231 @@
+//! The RPC client: publishes a request and waits for the reply that carries
+//! its correlation id.
+//!
+//! It uses RabbitMQ's direct reply-to: replies come straight back on the
+//! connection with no reply queue to declare, so a call costs one round trip
+//! to the broker. One [`Client`] serves many concurrent calls: a background
+//! task routes each reply to the call waiting for it.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use lapin::options::{BasicConsumeOptions, BasicPublishOptions};
+use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Connection, ErrorKind as LapinErrorKind};
+use tokio::sync::oneshot;
+use tokio_stream::StreamExt as _;
+
+use crate::amqp;
+use crate::wire::{ERROR_HEADER, ErrorKind};
+
+/// The pseudo-queue RabbitMQ routes direct replies through.
+const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
+
+/// A reply from a node, success or error.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reply {
+    pub correlation_id: String,
+    /// The module's output, or for an error reply a message for humans.
+    pub body: Vec<u8>,
+    /// The value of the `x-error` header: absent on success.
+    pub error: Option<String>,
+}
+
+impl Reply {
+    /// The error kind, if this is an error reply of a kind this client knows.
+    pub fn error_kind(&self) -> Option<ErrorKind> {
+        self.error.as_deref().and_then(ErrorKind::parse)
+    }
+}
+
+/// Why a call got no reply.
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ClientError {
+    #[error("no reply within {:.1} s", .0.as_secs_f64())]
+    Timeout(Duration),
+    #[error(
+        "exchange {0:?} does not exist on the broker: no wasmrpc node has run there with this exchange"
+    )]
+    NoExchange(String),
+    #[error("lost the broker connection: {0}")]
+    Broker(String),
+}
+
+type Pending = Arc<Mutex<PendingCalls>>;
+
+#[derive(Default)]
+struct PendingCalls {
+    waiting: HashMap<String, oneshot::Sender<Result<Reply, ClientError>>>,
+    /// Set once the channel is gone; later calls fail with it at once.
+    closed: Option<ClientError>,
+}
+
+/// A connection to the broker that can call modules.
+pub struct Client {
+    _connection: Connection,
+    channel: Channel,
+    exchange: String,
+    pending: Pending,
+    router: tokio::task::JoinHandle<()>,
+}
+
+impl Client {
+    /// Connects to the broker and subscribes to direct replies.
+    pub async fn connect(url: &str, exchange: &str) -> anyhow::Result<Client> {
+        let connection = amqp::connect(url, "wasmrpc client").await?;
+        let channel = connection
+            .create_channel()
+            .await
+            .context("failed to open a channel")?;
+        // Direct reply-to requires consuming, without acks, before publishing.
+        let options = BasicConsumeOptions {
+            no_ack: true,
+            ..BasicConsumeOptions::default()
+        };
+        let mut replies = channel
+            .basic_consume(
+                DIRECT_REPLY_TO.into(),
+                "".into(),
+                options,
+                FieldTable::default(),
+            )
+            .await
+            .context("failed to subscribe to direct replies")?;
+
+        let pending = Pending::default();
+        let router = tokio::spawn({
+            let pending = pending.clone();
+            let exchange = exchange.to_owned();
+            async move {
+                let closed = loop {
+                    match replies.next().await {
+                        Some(Ok(delivery)) => route(&pending, delivery),
+                        Some(Err(error)) => break describe(&error, &exchange),
+                        None => {
+                            break ClientError::Broker(
+                                "the reply subscription was cancelled".into(),
+                            );
+                        }
+                    }
+                };
+                let mut pending = pending.lock().expect("pending lock");
+                for (_, call) in pending.waiting.drain() {
+                    let _ = call.send(Err(closed.clone()));
+                }
+                pending.closed = Some(closed);
+            }
+        });
+        Ok(Client {
+            _connection: connection,
+            channel,
+            exchange: exchange.to_owned(),
+            pending,
+            router,
+        })
+    }
+
+    /// Calls `module` with `input` and waits up to `timeout` for its reply.
+    ///
+    /// An error reply from the node is a `Reply` (see [`Reply::error`]); an
+    /// `Err` means no reply came. The request carries `timeout` as its AMQP
+    /// expiration, so the broker drops it if no node takes it in time.
+    pub async fn call(
+        &self,
+        module: &str,
+        input: &[u8],
+        timeout: Duration,
+    ) -> Result<Reply, ClientError> {
+        let correlation_id = uuid::Uuid::new_v4().to_string();
+        let (sender, receiver) = oneshot::channel();
+        {
+            let mut pending = self.pending.lock().expect("pending lock");
+            if let Some(closed) = &pending.closed {
+                return Err(closed.clone());
+            }
+            pending.waiting.insert(correlation_id.clone(), sender);
+        }
+        let properties = BasicProperties::default()
+            .with_reply_to(DIRECT_REPLY_TO.into())
+            .with_correlation_id(correlation_id.as_str().into())
+            .with_expiration(timeout.as_millis().max(1).to_string().as_str().into());
+        let published = self
+            .channel
+            .basic_publish(
+                self.exchange.as_str().into(),
+                module.into(),
+                BasicPublishOptions::default(),
+                input,
+                properties,
+            )
+            .await;
+        if let Err(error) = published {
+            self.forget(&correlation_id);
+            return Err(describe(&error, &self.exchange));
+        }
+        match tokio::time::timeout(timeout, receiver).await {
+            Ok(Ok(reply)) => reply,
+            Ok(Err(_router_gone)) => Err(ClientError::Broker("the client stopped".into())),
+            Err(_elapsed) => {
+                self.forget(&correlation_id);
+                Err(ClientError::Timeout(timeout))
+            }
+        }
+    }
+
+    fn forget(&self, correlation_id: &str) {
+        self.pending
+            .lock()
+            .expect("pending lock")
+            .waiting
+            .remove(correlation_id);
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        self.router.abort();
+    }
+}
+
+/// Hands a reply to the call waiting for it; a reply nobody waits for (its
+/// call timed out) is dropped.
+fn route(pending: &Pending, delivery: lapin::message::Delivery) {
+    let properties = &delivery.properties;
+    let Some(correlation_id) = properties
+        .correlation_id()
+        .as_ref()
+        .map(|id| id.as_str().to_owned())
+    else {
+        tracing::debug!("ignoring a reply without correlation id");
+        return;
+    };
+    let Some(call) = pending
+        .lock()
+        .expect("pending lock")
+        .waiting
+        .remove(&correlation_id)
+    else {
+        tracing::debug!(%correlation_id, "ignoring a reply nobody waits for");
+        return;
+    };
+    let error = amqp::header_str(properties.headers().as_ref(), ERROR_HEADER).map(str::to_owned);
+    let _ = call.send(Ok(Reply {
+        correlation_id,
+        body: delivery.data,
+        error,
+    }));
+}
+
+/// Turns a channel failure into what the caller should hear.
+fn describe(error: &lapin::Error, exchange: &str) -> ClientError {
+    if let LapinErrorKind::ProtocolError(amqp) = error.kind()
+        && let AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND) = amqp.kind()
+        && amqp.get_message().as_str().contains("no exchange")
+    {
+        return ClientError::NoExchange(exchange.to_owned());
+    }
+    ClientError::Broker(error.to_string())
+}

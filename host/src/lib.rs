@@ -1,0 +1,18 @@
+//! wasmrpc: WebAssembly compute modules served over RabbitMQ RPC.
+//!
+//! A node ([`node`]) consumes requests whose routing key names a module,
+//! runs that module in a fresh wasm sandbox ([`runtime`]) and replies to the
+//! request's `reply_to` with its `correlation_id`. [`client`] is the calling
+//! side; [`wire`] is the contract between the two. See ARCHITECTURE.md.
+
+pub mod amqp;
+pub mod cli;
+pub mod client;
+pub mod logging;
+pub mod names;
+pub mod node;
+pub mod registry;
+mod request;
+pub mod runtime;
+pub mod shutdown;
+pub mod wire;

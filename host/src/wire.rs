@@ -1,0 +1,171 @@
+//! The wire contract: what a request and a reply look like on the broker, and
+//! where they go. README.md documents the same contract for other languages;
+//! keep the two in step.
+//!
+//! - Requests are published to the durable direct exchange [`Topology::exchange`]
+//!   with the module name as routing key, the argument as body, and `reply_to`
+//!   plus `correlation_id` set.
+//! - Each module has a durable queue bound to that exchange by its name; every
+//!   node that serves the module consumes it.
+//! - The exchange's alternate exchange catches requests no queue is bound for;
+//!   every node consumes the queue behind it and answers `not_found`.
+//! - Replies go through the default exchange to `reply_to`, with the request's
+//!   `correlation_id`; a failed request's reply carries [`ERROR_HEADER`].
+
+use std::fmt;
+
+use crate::names::ModuleName;
+use crate::runtime::CallError;
+
+/// The exchange name used when none is configured.
+pub const DEFAULT_EXCHANGE: &str = "wasmrpc";
+
+/// The header that marks a reply as an error and names its kind.
+pub const ERROR_HEADER: &str = "x-error";
+
+/// How long an unroutable request waits for a node to say `not_found`. Past
+/// that its caller has long given up.
+pub const UNROUTED_TTL_MS: u32 = 60_000;
+
+/// The names of everything one wasmrpc deployment declares on the broker,
+/// all derived from its exchange name so deployments (and tests) can share a
+/// broker without meeting.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Topology {
+    exchange: String,
+}
+
+impl Topology {
+    pub fn new(exchange: impl Into<String>) -> Self {
+        Topology {
+            exchange: exchange.into(),
+        }
+    }
+
+    /// The direct exchange callers publish requests to.
+    pub fn exchange(&self) -> &str {
+        &self.exchange
+    }
+
+    /// The fanout exchange that receives what the main exchange cannot route.
+    pub fn unrouted_exchange(&self) -> String {
+        format!("{}.unrouted", self.exchange)
+    }
+
+    /// The queue every node consumes to answer requests for unknown modules.
+    pub fn unrouted_queue(&self) -> String {
+        format!("{}.unrouted", self.exchange)
+    }
+
+    /// The queue that holds requests for one module. Module names contain no
+    /// dot, so these never collide with the names above.
+    pub fn module_queue(&self, module: &ModuleName) -> String {
+        format!("{}.module.{module}", self.exchange)
+    }
+}
+
+/// The kinds of failure a reply can report, as named by [`ERROR_HEADER`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ErrorKind {
+    /// The request is malformed, or the module refused its input.
+    BadRequest,
+    /// No node serves the module named by the routing key.
+    NotFound,
+    /// The module accepted the input but reported that it could not compute a result.
+    GuestError,
+    /// The module crashed (a panic, an `unreachable`, a bad memory access...).
+    Trap,
+    /// The module ran longer than its time limit.
+    Timeout,
+    /// The module needed more memory than its limit.
+    Memory,
+    /// The module recursed deeper than its stack limit.
+    StackOverflow,
+    /// The request body or the module's output exceeded its size limit.
+    TooLarge,
+    /// The node could not run the request (it never reached the module).
+    Internal,
+}
+
+impl ErrorKind {
+    pub const ALL: [ErrorKind; 9] = [
+        ErrorKind::BadRequest,
+        ErrorKind::NotFound,
+        ErrorKind::GuestError,
+        ErrorKind::Trap,
+        ErrorKind::Timeout,
+        ErrorKind::Memory,
+        ErrorKind::StackOverflow,
+        ErrorKind::TooLarge,
+        ErrorKind::Internal,
+    ];
+
+    /// The value of [`ERROR_HEADER`] for this kind.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::BadRequest => "bad_request",
+            ErrorKind::NotFound => "not_found",
+            ErrorKind::GuestError => "guest_error",
+            ErrorKind::Trap => "trap",
+            ErrorKind::Timeout => "timeout",
+            ErrorKind::Memory => "memory",
+            ErrorKind::StackOverflow => "stack_overflow",
+            ErrorKind::TooLarge => "too_large",
+            ErrorKind::Internal => "internal",
+        }
+    }
+
+    pub fn parse(value: &str) -> Option<ErrorKind> {
+        ErrorKind::ALL
+            .into_iter()
+            .find(|kind| kind.as_str() == value)
+    }
+}
+
+impl fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl From<&CallError> for ErrorKind {
+    fn from(error: &CallError) -> Self {
+        match error {
+            CallError::InvalidInput(_) => ErrorKind::BadRequest,
+            CallError::Failed(_) => ErrorKind::GuestError,
+            CallError::InputTooLarge { .. } | CallError::OutputTooLarge { .. } => {
+                ErrorKind::TooLarge
+            }
+            CallError::Timeout { .. } => ErrorKind::Timeout,
+            CallError::Memory { .. } => ErrorKind::Memory,
+            CallError::StackOverflow { .. } => ErrorKind::StackOverflow,
+            CallError::Trap(_) => ErrorKind::Trap,
+            CallError::Instantiate(_) => ErrorKind::Internal,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_kinds_round_trip_through_their_header_value() {
+        for kind in ErrorKind::ALL {
+            assert_eq!(ErrorKind::parse(kind.as_str()), Some(kind));
+        }
+        assert_eq!(ErrorKind::parse("nonsense"), None);
+    }
+
+    #[test]
+    fn topology_names_derive_from_the_exchange() {
+        let topology = Topology::new("rpc");
+        let fib: ModuleName = "fib".parse().unwrap();
+        assert_eq!(topology.module_queue(&fib), "rpc.module.fib");
+        assert_eq!(topology.unrouted_queue(), "rpc.unrouted");
+        assert_ne!(
+            topology.module_queue(&"unrouted".parse().unwrap()),
+            topology.unrouted_queue()
+        );
+    }
+}

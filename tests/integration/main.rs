@@ -1,0 +1,9 @@
+//! Integration tests: a real node on the real RabbitMQ, running real wasm.
+//!
+//! Each test starts its own node under its own exchange (see
+//! `support::TestNode`), so the tests run in parallel on one broker. The
+//! guests are built from `guests/` on first use.
+
+mod support;
+
+mod fib;
