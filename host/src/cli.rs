@@ -82,6 +82,7 @@ struct CallArgs {
     module: String,
 
     /// The request body, e.g. `30`. `-` reads it from stdin; omitted, the body is empty.
+    #[arg(allow_hyphen_values = true)]
     arg: Option<String>,
 
     /// How long to wait for the reply, e.g. `30s`, `500ms`, `2m`.

@@ -13,6 +13,9 @@ pub fn init(filter: &str) -> anyhow::Result<()> {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
+        // By default a failed write is reported with `eprintln!`, which
+        // panics when stderr is a closed pipe: a node must outlive its log reader.
+        .log_internal_errors(false)
         .try_init()
         .map_err(|error| anyhow::anyhow!("failed to install the logger: {error}"))
 }

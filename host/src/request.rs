@@ -72,6 +72,7 @@ async fn handle_in_span(shared: Arc<Shared>, source: Source, delivery: Delivery)
                     return;
                 }
             };
+            tracing::debug!(redelivered = delivery.redelivered, "running");
             let reply = run(&shared, &name, &delivery.data).await;
             drop(permit);
             reply

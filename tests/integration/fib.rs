@@ -6,7 +6,7 @@ use crate::support::{TestNode, oracle};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn fib_answers_exactly() {
-    let node = TestNode::start(&["fib"]).await;
+    let mut node = TestNode::start(&["fib"]).await;
     let client = node.client().await;
     let timeout = crate::support::node::REPLY_TIMEOUT;
     for n in [0u32, 1, 2, 3, 10, 30, 92, 93, 94, 186, 187, 1000] {
@@ -31,7 +31,7 @@ async fn fib_answers_exactly() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn fib_answers_the_documented_values() {
-    let node = TestNode::start(&["fib"]).await;
+    let mut node = TestNode::start(&["fib"]).await;
     let expect = [
         ("0", "0"),
         ("1", "1"),
@@ -55,7 +55,7 @@ async fn fib_answers_the_documented_values() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn fib_of_the_largest_n_is_exact() {
-    let node = TestNode::start(&["fib"]).await;
+    let mut node = TestNode::start(&["fib"]).await;
     let n = 100_000;
     let reply = node.call("fib", n.to_string()).await;
     assert_eq!(reply.error, None);
@@ -68,7 +68,7 @@ async fn fib_of_the_largest_n_is_exact() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn fib_refuses_bad_arguments_with_a_clear_message() {
-    let node = TestNode::start(&["fib"]).await;
+    let mut node = TestNode::start(&["fib"]).await;
     let cases: [(&[u8], &str); 8] = [
         (b"abc", "\"abc\""),
         (b"-1", "must not be negative"),

@@ -6,4 +6,9 @@
 
 mod support;
 
+mod bundled;
+mod cli;
+mod contract;
 mod fib;
+mod process;
+mod readme;

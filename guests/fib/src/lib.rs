@@ -87,8 +87,23 @@ mod tests {
 
     #[test]
     fn parse_refuses_what_is_not_an_acceptable_n() {
-        for bad in [&b""[..], b"  ", b"abc", b"-1", b"1.5", b"+5", b"1e3", b"100001", b"99999999999", b"\xff"] {
-            assert!(parse(bad).is_err(), "{:?} should be refused", String::from_utf8_lossy(bad));
+        for bad in [
+            &b""[..],
+            b"  ",
+            b"abc",
+            b"-1",
+            b"1.5",
+            b"+5",
+            b"1e3",
+            b"100001",
+            b"99999999999",
+            b"\xff",
+        ] {
+            assert!(
+                parse(bad).is_err(),
+                "{:?} should be refused",
+                String::from_utf8_lossy(bad)
+            );
         }
         assert!(parse(b"-1").unwrap_err().contains("negative"));
         assert!(parse(b"100001").unwrap_err().contains("at most 100000"));

@@ -75,11 +75,7 @@ impl Runtime {
             .total_tables(slots * 8)
             .max_tables_per_component(8)
             .total_stacks(slots)
-            .max_memory_size(usize::try_from(config.max_memory).context("memory limit too large")?)
-            // Keep the first pages of each slot mapped between requests:
-            // a fresh instance would otherwise fault them all in again.
-            .linear_memory_keep_resident(1 << 20)
-            .table_keep_resident(1 << 16);
+            .max_memory_size(usize::try_from(config.max_memory).context("memory limit too large")?);
 
         let mut wasmtime = Config::new();
         wasmtime

@@ -1,6 +1,5 @@
 //! A real node, in this process, on the real broker, under a fresh exchange.
 
-use std::path::Path;
 use std::time::Duration;
 
 use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
@@ -19,7 +18,8 @@ pub const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct TestNode {
     pub topology: Topology,
-    pub modules_dir: TempDir,
+    /// Deleted when the node is dropped.
+    _modules_dir: TempDir,
     modules: Vec<ModuleName>,
     stop: CancellationToken,
     serving: Option<JoinHandle<anyhow::Result<()>>>,
@@ -63,7 +63,7 @@ impl TestNode {
         let serving = tokio::spawn(node.serve(stop.clone().cancelled_owned()));
         TestNode {
             topology,
-            modules_dir,
+            _modules_dir: modules_dir,
             modules,
             stop,
             serving: Some(serving),
@@ -72,10 +72,6 @@ impl TestNode {
 
     pub fn exchange(&self) -> &str {
         self.topology.exchange()
-    }
-
-    pub fn modules_path(&self) -> &Path {
-        self.modules_dir.path()
     }
 
     pub async fn client(&self) -> Client {
@@ -93,22 +89,20 @@ impl TestNode {
             .expect("no reply")
     }
 
-    /// Shuts the node down warmly and returns what `serve` returned.
-    pub async fn stop(mut self) -> anyhow::Result<()> {
+    /// Shuts the node down warmly and returns what `serve` returned. The
+    /// node's queues stay until the `TestNode` is dropped, for tests that
+    /// look at what is left in them.
+    pub async fn stop(&mut self) -> anyhow::Result<()> {
         self.stop.cancel();
-        let serving = self.serving.take().expect("stopped once");
-        let outcome = serving.await.expect("the node task panicked");
-        delete_topology(&self.topology, &self.modules).await;
-        outcome
+        let serving = self.serving.take().expect("the node is serving");
+        serving.await.expect("the node task panicked")
     }
 }
 
 impl Drop for TestNode {
-    /// A test that failed before `stop` still leaves nothing on the broker.
+    /// Stops the node if the test did not, and deletes what it declared on
+    /// the broker, so a test leaves nothing behind even when it fails.
     fn drop(&mut self) {
-        if self.serving.is_none() {
-            return;
-        }
         self.stop.cancel();
         let (topology, modules) = (self.topology.clone(), self.modules.clone());
         let _ = std::thread::spawn(move || {

@@ -1,0 +1,65 @@
+# Shared by scripts/run and scripts/test: make sure what wasmrpc needs is here.
+# Source it; every function exits the script with a clear message on failure.
+
+AMQP_URL="${AMQP_URL:-amqp://127.0.0.1:5672/%2f}"
+export AMQP_URL
+
+say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+# The wasm target the guests are built for.
+ensure_wasm_target() {
+    command -v cargo >/dev/null || die "cargo not found: install Rust from https://rustup.rs"
+    if ! rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip2; then
+        say "adding the wasm32-wasip2 target"
+        rustup target add wasm32-wasip2 || die "cannot add the wasm32-wasip2 target (rustup target add wasm32-wasip2)"
+    fi
+}
+
+# Host and port of AMQP_URL (amqp[s]://[user[:pass]@]host[:port][/vhost]).
+broker_address() {
+    local rest="${AMQP_URL#*://}"
+    rest="${rest%%/*}"
+    rest="${rest##*@}"
+    local host="${rest%%:*}" port=5672
+    [[ "$rest" == *:* ]] && port="${rest##*:}"
+    [[ "$AMQP_URL" == amqps://* && "$rest" != *:* ]] && port=5671
+    echo "${host:-127.0.0.1} $port"
+}
+
+broker_answers() {
+    local host port
+    read -r host port < <(broker_address)
+    timeout 2 bash -c "exec 3<>/dev/tcp/$host/$port" 2>/dev/null
+}
+
+# A broker that answers on AMQP_URL: the one running, or a local RabbitMQ
+# started (and if need be installed from Debian's packages) here.
+ensure_broker() {
+    broker_answers && return 0
+    local host port
+    read -r host port < <(broker_address)
+    case "$host" in
+        127.0.0.1 | localhost | ::1) ;;
+        *) die "no broker answers at $host:$port (AMQP_URL=$AMQP_URL); start it, or unset AMQP_URL to use a local one" ;;
+    esac
+    if ! command -v rabbitmq-server >/dev/null; then
+        say "no broker on $host:$port and RabbitMQ is not installed: installing Debian's rabbitmq-server"
+        local sudo=""
+        [[ $(id -u) -eq 0 ]] || sudo="sudo"
+        command -v apt-get >/dev/null || die "cannot install RabbitMQ here (no apt-get): start a broker and set AMQP_URL"
+        $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq rabbitmq-server >/dev/null \
+            || die "failed to install rabbitmq-server"
+    fi
+    say "starting RabbitMQ on $host:$port"
+    if [[ $(id -u) -eq 0 ]]; then
+        rabbitmq-server -detached >/dev/null 2>&1 || true
+    else
+        sudo rabbitmq-server -detached >/dev/null 2>&1 || sudo service rabbitmq-server start >/dev/null 2>&1 || true
+    fi
+    for _ in $(seq 120); do
+        broker_answers && { say "RabbitMQ is up"; return 0; }
+        sleep 1
+    done
+    die "RabbitMQ did not start within 2 minutes; see /var/log/rabbitmq/"
+}

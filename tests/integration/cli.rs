@@ -1,0 +1,147 @@
+//! The `wasmrpc` binary, as a user runs it.
+
+use std::io::Write as _;
+use std::process::{Command, Output, Stdio};
+
+use crate::support::{TestNode, amqp_url, unique};
+
+fn wasmrpc(exchange: &str, args: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_wasmrpc"));
+    command
+        .args(args)
+        .env("AMQP_URL", amqp_url())
+        .env("WASMRPC_EXCHANGE", exchange)
+        .env_remove("RUST_LOG");
+    command
+}
+
+/// Runs `wasmrpc` off the async runtime, so the in-process node keeps serving.
+async fn run(mut command: Command) -> Output {
+    tokio::task::spawn_blocking(move || command.output().expect("failed to run wasmrpc"))
+        .await
+        .unwrap()
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn call_prints_the_reply_and_exits_0() {
+    let node = TestNode::start(&["fib"]).await;
+    let output = run(wasmrpc(node.exchange(), &["call", "fib", "30"])).await;
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "stderr: {}",
+        text(&output.stderr)
+    );
+    assert_eq!(text(&output.stdout), "832040\n");
+    assert_eq!(text(&output.stderr), "");
+
+    let raw = run(wasmrpc(node.exchange(), &["call", "--raw", "fib", "10"])).await;
+    assert_eq!(text(&raw.stdout), "55");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn call_reads_the_body_from_stdin_given_a_dash() {
+    let node = TestNode::start(&["fib"]).await;
+    let mut command = wasmrpc(node.exchange(), &["call", "fib", "-"]);
+    let output = tokio::task::spawn_blocking(move || {
+        let mut child = command
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(b"40\n").unwrap();
+        child.wait_with_output().unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        text(&output.stdout),
+        "102334155\n",
+        "stderr: {}",
+        text(&output.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_error_reply_goes_to_stderr_with_its_kind_and_exits_1() {
+    let node = TestNode::start(&["fib"]).await;
+    let output = run(wasmrpc(node.exchange(), &["call", "fib", "abc"])).await;
+    assert_eq!(output.status.code(), Some(1));
+    assert_eq!(text(&output.stdout), "");
+    let stderr = text(&output.stderr);
+    assert!(stderr.starts_with("error (bad_request): fib: "), "{stderr}");
+
+    let output = run(wasmrpc(node.exchange(), &["call", "nosuchmodule", "1"])).await;
+    assert_eq!(output.status.code(), Some(1));
+    assert_eq!(
+        text(&output.stderr),
+        "error (not_found): no node serves module \"nosuchmodule\"\n"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn no_reply_in_time_says_so_and_exits_3() {
+    // A node that has come and gone leaves its queue behind: requests wait
+    // there for the next node, and meanwhile nobody answers.
+    let mut node = TestNode::start(&["fib"]).await;
+    node.stop().await.unwrap();
+    let output = run(wasmrpc(
+        node.exchange(),
+        &["call", "--timeout", "300ms", "fib", "1"],
+    ))
+    .await;
+    assert_eq!(output.status.code(), Some(3));
+    let stderr = text(&output.stderr);
+    assert!(stderr.contains("no reply within 0.3 s"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_broker_that_cannot_be_reached_is_named_and_exits_4() {
+    let mut command = wasmrpc("wasmrpc", &["call", "fib", "1"]);
+    command.env("AMQP_URL", "amqp://guest:secret@127.0.0.1:1/%2f");
+    let output = run(command).await;
+    assert_eq!(output.status.code(), Some(4));
+    let stderr = text(&output.stderr);
+    assert!(
+        stderr
+            .starts_with("error: cannot connect to the broker at amqp://guest:***@127.0.0.1:1/%2f"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_exchange_no_node_declared_is_named_and_exits_4() {
+    let exchange = unique("absent");
+    let output = run(wasmrpc(&exchange, &["call", "fib", "1"])).await;
+    assert_eq!(output.status.code(), Some(4));
+    assert_eq!(
+        text(&output.stderr),
+        format!(
+            "error: exchange {exchange:?} does not exist on the broker: no wasmrpc node has run there with this exchange\n"
+        )
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn help_documents_the_exit_codes() {
+    let output = run(wasmrpc("wasmrpc", &["call", "--help"])).await;
+    assert_eq!(output.status.code(), Some(0));
+    let help = text(&output.stdout);
+    for code in [
+        "0 answered",
+        "1 error reply",
+        "2 bad usage",
+        "3 no reply",
+        "4 broker",
+    ] {
+        assert!(
+            help.contains(code),
+            "`call --help` should explain exit code {code:?}:\n{help}"
+        );
+    }
+}
