@@ -50,13 +50,9 @@ fn main() -> anyhow::Result<()> {
         .validate(true)
         .encode()?;
 
-    let runtime = Runtime::new(&RuntimeConfig {
-        max_concurrent: 1,
-        max_memory: Limits::DEFAULT_MEMORY,
-        max_stack: 512 << 10,
-    })?;
-    let wasip2 = runtime.compile(&wasip2)?;
-    let no_imports = runtime.compile(&no_imports)?;
+    let runtime = Runtime::new(&RuntimeConfig { max_concurrent: 1 })?;
+    let wasip2 = runtime.compile(&wasip2, &Limits::DEFAULT)?;
+    let no_imports = runtime.compile(&no_imports, &Limits::DEFAULT)?;
 
     let tokio = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -74,12 +70,11 @@ fn main() -> anyhow::Result<()> {
     // Rounds run every row in turn, so drift in the machine's speed lands on
     // all rows alike.
     let mut batches = vec![Vec::with_capacity(BATCHES); rows.len()];
-    let limits = Limits::default();
     for _ in 0..BATCHES {
         for ((_, module, input), batches) in rows.iter().zip(&mut batches) {
             let started = Instant::now();
             for _ in 0..calls {
-                tokio.block_on(module.call(input, &limits))?;
+                tokio.block_on(module.call(input, None))?;
             }
             batches.push(started.elapsed().as_secs_f64() * 1e6 / calls as f64);
         }

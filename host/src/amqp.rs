@@ -83,48 +83,79 @@ pub async fn declare_exchanges(channel: &Channel, topology: &Topology) -> anyhow
     let mut arguments = FieldTable::default();
     arguments.insert("x-message-ttl".into(), AMQPValue::LongUInt(UNROUTED_TTL_MS));
     declare_queue(channel, &queue, arguments).await?;
+    bind(channel, &queue, &unrouted, "").await?;
+
+    let dead = topology.dead_exchange();
     channel
-        .queue_bind(
-            queue.as_str().into(),
-            unrouted.as_str().into(),
-            "".into(),
-            QueueBindOptions::default(),
+        .exchange_declare(
+            dead.as_str().into(),
+            ExchangeKind::Fanout,
+            durable,
             FieldTable::default(),
         )
         .await
-        .with_context(|| format!("failed to bind queue {queue:?} to {unrouted:?}"))?;
-    Ok(())
+        .with_context(|| format!("failed to declare exchange {dead:?}"))?;
+    let queue = topology.dead_queue();
+    declare_queue(channel, &queue, FieldTable::default()).await?;
+    bind(channel, &queue, &dead, "").await
 }
 
 /// Declares a module's queue and binds it by the module's name. Returns the
 /// queue's name.
+///
+/// A quorum queue: it survives a broker restart and, replicated, the loss of
+/// a broker node. The broker counts deliveries; past `delivery_limit` returns
+/// without an ack, it dead-letters the request (at least once) to the dead
+/// exchange. The arguments are fixed when the queue is first declared: every
+/// node must use the same `delivery_limit`.
 pub async fn declare_module_queue(
     channel: &Channel,
     topology: &Topology,
     module: &ModuleName,
+    delivery_limit: u32,
 ) -> anyhow::Result<String> {
     let queue = topology.module_queue(module);
-    // A quorum queue: it survives the broker's restart and, replicated, the
-    // loss of a broker node.
     let mut arguments = FieldTable::default();
     arguments.insert("x-queue-type".into(), string("quorum"));
-    declare_queue(channel, &queue, arguments).await?;
+    arguments.insert(
+        "x-delivery-limit".into(),
+        AMQPValue::LongUInt(delivery_limit),
+    );
+    arguments.insert(
+        "x-dead-letter-exchange".into(),
+        string(&topology.dead_exchange()),
+    );
+    arguments.insert("x-dead-letter-strategy".into(), string("at-least-once"));
+    // At-least-once dead-lettering requires it; with no length limit set it
+    // never refuses a publish.
+    arguments.insert("x-overflow".into(), string("reject-publish"));
+    declare_queue(channel, &queue, arguments).await.with_context(|| {
+        format!(
+            "queue {queue:?} exists with other arguments: every node on exchange {:?} must use the same \
+             --delivery-limit (or delete the queue once it is empty)",
+            topology.exchange()
+        )
+    })?;
+    bind(channel, &queue, topology.exchange(), module.as_str()).await?;
+    Ok(queue)
+}
+
+async fn bind(
+    channel: &Channel,
+    queue: &str,
+    exchange: &str,
+    routing_key: &str,
+) -> anyhow::Result<()> {
     channel
         .queue_bind(
-            queue.as_str().into(),
-            topology.exchange().into(),
-            module.as_str().into(),
+            queue.into(),
+            exchange.into(),
+            routing_key.into(),
             QueueBindOptions::default(),
             FieldTable::default(),
         )
         .await
-        .with_context(|| {
-            format!(
-                "failed to bind queue {queue:?} to {:?}",
-                topology.exchange()
-            )
-        })?;
-    Ok(queue)
+        .with_context(|| format!("failed to bind queue {queue:?} to exchange {exchange:?}"))
 }
 
 async fn declare_queue(
@@ -145,6 +176,34 @@ async fn declare_queue(
 
 fn string(value: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(value))
+}
+
+/// The value of an integer header, whichever AMQP integer type carries it
+/// (or a string of digits, as some clients can only send strings). `Err`
+/// names the header and says what it should be.
+pub fn header_u64(headers: Option<&FieldTable>, name: &str) -> Result<Option<u64>, String> {
+    let Some(value) = headers.and_then(|headers| headers.inner().get(&ShortString::from(name)))
+    else {
+        return Ok(None);
+    };
+    let number = match value {
+        AMQPValue::ShortShortUInt(n) => Some(u64::from(*n)),
+        AMQPValue::ShortUInt(n) => Some(u64::from(*n)),
+        AMQPValue::LongUInt(n) => Some(u64::from(*n)),
+        AMQPValue::Timestamp(n) => Some(*n),
+        AMQPValue::ShortShortInt(n) => u64::try_from(*n).ok(),
+        AMQPValue::ShortInt(n) => u64::try_from(*n).ok(),
+        AMQPValue::LongInt(n) => u64::try_from(*n).ok(),
+        AMQPValue::LongLongInt(n) => u64::try_from(*n).ok(),
+        AMQPValue::LongString(text) => std::str::from_utf8(text.as_bytes())
+            .ok()
+            .and_then(|t| t.parse().ok()),
+        AMQPValue::ShortString(text) => text.as_str().parse().ok(),
+        _ => None,
+    };
+    number
+        .map(Some)
+        .ok_or_else(|| format!("header {name} must be a non-negative integer, got {value:?}"))
 }
 
 /// The value of a string header, whichever AMQP string type carries it.

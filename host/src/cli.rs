@@ -14,7 +14,10 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 use crate::client::{Client, ClientError};
+use crate::manifest::LimitOverrides;
 use crate::node::{self, Node, NodeConfig};
+use crate::runtime::Limits;
+use crate::units::{Bytes, parse_duration};
 use crate::{amqp, logging, shutdown, wire};
 
 /// WebAssembly compute over RabbitMQ: serve modules as RPC, or call them.
@@ -69,6 +72,41 @@ struct ServeArgs {
     /// [default: twice the concurrency].
     #[arg(long, env = "WASMRPC_PREFETCH", value_parser = clap::value_parser!(u16).range(1..))]
     prefetch: Option<u16>,
+
+    /// Wall-clock time a request may run, e.g. `10s`, `500ms` [default: 10s].
+    /// This and the other limits apply to every module whose manifest
+    /// (`NAME.toml` beside `NAME.wasm`) does not set its own.
+    #[arg(long, env = "WASMRPC_TIME_LIMIT", value_parser = parse_duration, help_heading = "Limits")]
+    time_limit: Option<Duration>,
+
+    /// Linear memory a request may use, e.g. `128MiB` [default: 128MiB].
+    #[arg(long, env = "WASMRPC_MEMORY_LIMIT", value_parser = parse_size, help_heading = "Limits")]
+    memory_limit: Option<u64>,
+
+    /// Wasm stack a request may use, e.g. `512KiB` [default: 512KiB].
+    #[arg(long, env = "WASMRPC_STACK_LIMIT", value_parser = parse_size, help_heading = "Limits")]
+    stack_limit: Option<u64>,
+
+    /// Largest request body, checked before any wasm runs [default: 1MiB].
+    #[arg(long, env = "WASMRPC_REQUEST_LIMIT", value_parser = parse_size, help_heading = "Limits")]
+    request_limit: Option<u64>,
+
+    /// Largest reply body a module may produce [default: 16MiB].
+    #[arg(long, env = "WASMRPC_REPLY_LIMIT", value_parser = parse_size, help_heading = "Limits")]
+    reply_limit: Option<u64>,
+
+    /// Deliveries of one request, none of them answered (the nodes died or
+    /// were killed), after which it is poison: its caller is told and it is
+    /// moved to the dead-letter queue. Every node on an exchange must use
+    /// the same value.
+    #[arg(
+        long,
+        env = "WASMRPC_DELIVERY_LIMIT",
+        default_value_t = NodeConfig::DEFAULT_DELIVERY_LIMIT,
+        value_parser = clap::value_parser!(u32).range(1..),
+        help_heading = "Limits"
+    )]
+    delivery_limit: u32,
 }
 
 /// Call a module and print its reply.
@@ -112,6 +150,9 @@ pub fn main() -> ExitCode {
         eprintln!("error: {error:#}");
         return ExitCode::from(2);
     }
+    if let Command::Serve(_) = cli.command {
+        return_large_buffers_to_the_kernel();
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(error) => {
@@ -121,7 +162,13 @@ pub fn main() -> ExitCode {
     };
     match cli.command {
         Command::Serve(args) => {
-            let config = serve_config(&cli.amqp_url, &cli.exchange, args);
+            let config = match serve_config(&cli.amqp_url, &cli.exchange, args) {
+                Ok(config) => config,
+                Err(error) => {
+                    eprintln!("error: {error}");
+                    return ExitCode::from(2);
+                }
+            };
             match runtime.block_on(serve(config)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(error) => {
@@ -135,7 +182,7 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn serve_config(amqp_url: &str, exchange: &str, args: ServeArgs) -> NodeConfig {
+fn serve_config(amqp_url: &str, exchange: &str, args: ServeArgs) -> Result<NodeConfig, String> {
     let mut config = NodeConfig::new(amqp_url, args.modules);
     config.exchange = exchange.to_owned();
     if let Some(concurrency) = args.concurrency {
@@ -145,7 +192,35 @@ fn serve_config(amqp_url: &str, exchange: &str, args: ServeArgs) -> NodeConfig {
     if let Some(prefetch) = args.prefetch {
         config.prefetch = prefetch;
     }
-    config
+    let limits = LimitOverrides {
+        time: args.time_limit,
+        memory: args.memory_limit,
+        stack: args.stack_limit,
+        request: args.request_limit,
+        reply: args.reply_limit,
+    };
+    config.limits = limits.apply_to(&Limits::DEFAULT)?;
+    config.delivery_limit = args.delivery_limit;
+    Ok(config)
+}
+
+/// A node allocates and frees large buffers with every request (bodies,
+/// module outputs up to the reply limit). glibc raises its mmap threshold
+/// each time it frees such a buffer and serves later ones from its heap,
+/// which then keeps that memory: a node's RSS would creep up with the
+/// biggest outputs it has seen. A fixed threshold hands every large buffer
+/// back to the kernel when it is freed.
+fn return_large_buffers_to_the_kernel() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes malloc's tuning, and runs before any
+    // other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 10);
+    }
+}
+
+fn parse_size(text: &str) -> Result<u64, String> {
+    Bytes::parse(text).map(|Bytes(n)| n)
 }
 
 async fn serve(config: NodeConfig) -> anyhow::Result<()> {
@@ -227,42 +302,9 @@ fn read_input(arg: Option<&str>) -> std::io::Result<Vec<u8>> {
     }
 }
 
-/// Parses `30`, `30s`, `500ms` or `2m`; a bare number is seconds.
-fn parse_duration(text: &str) -> Result<Duration, String> {
-    let (number, unit) = match text.find(|c: char| !c.is_ascii_digit() && c != '.') {
-        Some(at) => text.split_at(at),
-        None => (text, "s"),
-    };
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration like 30s, 500ms or 2m"))?;
-    let seconds = match unit {
-        "ms" => value / 1e3,
-        "s" => value,
-        "m" => value * 60.0,
-        _ => return Err(format!("unknown unit {unit:?} in {text:?}: use ms, s or m")),
-    };
-    Duration::try_from_secs_f64(seconds)
-        .ok()
-        .filter(|duration| !duration.is_zero())
-        .ok_or_else(|| format!("{text:?} is not a positive duration"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn durations_take_ms_s_m_or_bare_seconds() {
-        assert_eq!(parse_duration("30"), Ok(Duration::from_secs(30)));
-        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
-        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        for bad in ["", "0", "-1s", "5h", "s", "abc"] {
-            assert!(parse_duration(bad).is_err(), "{bad:?} should be refused");
-        }
-    }
 
     #[test]
     fn the_command_line_is_consistent() {

@@ -13,13 +13,13 @@ use std::time::Duration;
 use anyhow::Context as _;
 use lapin::options::{BasicConsumeOptions, BasicPublishOptions};
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
-use lapin::types::FieldTable;
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ErrorKind as LapinErrorKind};
 use tokio::sync::oneshot;
 use tokio_stream::StreamExt as _;
 
 use crate::amqp;
-use crate::wire::{ERROR_HEADER, ErrorKind};
+use crate::wire::{ERROR_HEADER, ErrorKind, TIMEOUT_HEADER};
 
 /// The pseudo-queue RabbitMQ routes direct replies through.
 const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
@@ -131,7 +131,8 @@ impl Client {
     ///
     /// An error reply from the node is a `Reply` (see [`Reply::error`]); an
     /// `Err` means no reply came. The request carries `timeout` as its AMQP
-    /// expiration, so the broker drops it if no node takes it in time.
+    /// expiration and as its `x-timeout-ms`, so neither the broker nor a node
+    /// spends longer on it than the caller waits.
     pub async fn call(
         &self,
         module: &str,
@@ -147,10 +148,16 @@ impl Client {
             }
             pending.waiting.insert(correlation_id.clone(), sender);
         }
+        // The broker drops the request if no node takes it in time, and a
+        // node that takes it stops the module when the caller stops waiting.
+        let millis = timeout.as_millis().clamp(1, u128::from(u32::MAX)) as u32;
+        let mut headers = FieldTable::default();
+        headers.insert(TIMEOUT_HEADER.into(), AMQPValue::LongUInt(millis));
         let properties = BasicProperties::default()
             .with_reply_to(DIRECT_REPLY_TO.into())
             .with_correlation_id(correlation_id.as_str().into())
-            .with_expiration(timeout.as_millis().max(1).to_string().as_str().into());
+            .with_expiration(millis.to_string().as_str().into())
+            .with_headers(headers);
         let published = self
             .channel
             .basic_publish(

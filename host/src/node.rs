@@ -27,6 +27,7 @@ use crate::names::ModuleName;
 use crate::registry::{self, Registry};
 use crate::request;
 use crate::runtime::{Limits, Runtime, RuntimeConfig};
+use crate::stats::Stats;
 use crate::wire::Topology;
 
 /// Everything a node needs to start, validated.
@@ -39,14 +40,16 @@ pub struct NodeConfig {
     pub concurrency: u32,
     /// Deliveries the broker may push to each consumer before they are acked.
     pub prefetch: u16,
-    /// The limits every request runs within.
+    /// The limits of every module whose manifest does not set its own.
     pub limits: Limits,
-    /// Wasm stack available to every guest, in bytes.
-    pub max_stack: usize,
+    /// How many times a request may be delivered without being settled
+    /// before it is treated as poison. Fixed in each module queue's
+    /// arguments: every node on the exchange must agree.
+    pub delivery_limit: u32,
 }
 
 impl NodeConfig {
-    pub const DEFAULT_MAX_STACK: usize = 512 << 10;
+    pub const DEFAULT_DELIVERY_LIMIT: u32 = 5;
 
     /// A configuration with the documented defaults.
     pub fn new(amqp_url: impl Into<String>, modules_dir: impl Into<PathBuf>) -> Self {
@@ -58,7 +61,7 @@ impl NodeConfig {
             concurrency,
             prefetch: default_prefetch(concurrency),
             limits: Limits::default(),
-            max_stack: Self::DEFAULT_MAX_STACK,
+            delivery_limit: Self::DEFAULT_DELIVERY_LIMIT,
         }
     }
 }
@@ -84,6 +87,9 @@ pub(crate) enum Source {
 /// What request tasks share with the node.
 pub(crate) struct Shared {
     pub registry: Registry,
+    pub stats: Arc<Stats>,
+    pub topology: Topology,
+    pub delivery_limit: u32,
     /// Replies are published here, with publisher confirms, and never on the
     /// consuming channel: a failed publish must not cancel the consumers.
     pub replies: Channel,
@@ -107,10 +113,9 @@ impl Node {
     /// until [`Node::serve`] runs).
     pub async fn start(config: NodeConfig) -> anyhow::Result<Node> {
         let id = uuid::Uuid::new_v4().to_string();
+        config.limits.validate().map_err(anyhow::Error::msg)?;
         let runtime = Runtime::new(&RuntimeConfig {
             max_concurrent: config.concurrency,
-            max_memory: config.limits.memory,
-            max_stack: config.max_stack,
         })?;
         let registry = Registry::default();
         for module in registry::load_dir(&runtime, &config.modules_dir, &config.limits).await? {
@@ -146,7 +151,9 @@ impl Node {
         let consumer = subscribe(&consume, &unrouted, &consumer_tag(&id, &source)).await?;
         consumers.insert(source, consumer);
         for name in registry.names() {
-            let queue = amqp::declare_module_queue(&consume, &topology, &name).await?;
+            let queue =
+                amqp::declare_module_queue(&consume, &topology, &name, config.delivery_limit)
+                    .await?;
             let source = Source::Module(name);
             let consumer = subscribe(&consume, &queue, &consumer_tag(&id, &source)).await?;
             consumers.insert(source, consumer);
@@ -165,6 +172,9 @@ impl Node {
             id,
             shared: Arc::new(Shared {
                 registry,
+                stats: Arc::default(),
+                topology,
+                delivery_limit: config.delivery_limit,
                 replies,
                 slots: Semaphore::new(config.concurrency as usize),
                 stopping: CancellationToken::new(),
@@ -178,6 +188,11 @@ impl Node {
     /// This node's id, as it appears in logs and consumer tags.
     pub fn id(&self) -> &str {
         &self.id
+    }
+
+    /// What the node is doing; stays live after [`Node::serve`] takes the node.
+    pub fn stats(&self) -> Arc<Stats> {
+        self.shared.stats.clone()
     }
 
     /// The modules this node serves.

@@ -13,14 +13,15 @@ use std::time::Instant;
 use anyhow::Context as _;
 use sha2::{Digest, Sha256};
 
+use crate::manifest::Manifest;
 use crate::names::ModuleName;
 use crate::runtime::{Limits, Module, Runtime};
 
 /// A module ready to serve requests.
 pub struct LoadedModule {
     pub name: ModuleName,
+    /// The compiled code and the limits its requests run within.
     pub module: Module,
-    pub limits: Limits,
     /// The first 16 hex digits of the SHA-256 of the file: which build this is.
     pub version: String,
     pub path: PathBuf,
@@ -53,10 +54,11 @@ impl Registry {
     }
 }
 
-/// Compiles every `*.wasm` file in `dir`, in name order. A file that cannot be
-/// served (bad name, not wasm, wrong world) is skipped with a warning so one
-/// bad file never keeps the others from serving; only an unreadable directory
-/// is an error.
+/// Compiles every `*.wasm` file in `dir`, in name order, each with `limits`
+/// unless its manifest changes them. A file that cannot be served (bad name,
+/// bad manifest, not wasm, wrong world) is skipped with a warning so one bad
+/// file never keeps the others from serving; only an unreadable directory is
+/// an error.
 pub async fn load_dir(
     runtime: &Runtime,
     dir: &Path,
@@ -74,7 +76,15 @@ pub async fn load_dir(
     for path in paths {
         match load_file(runtime, &path, limits).await {
             Ok(module) => {
-                tracing::info!(module = %module.name, version = %module.version, path = %path.display(), "loaded module");
+                let limits = module.module.limits();
+                tracing::info!(
+                    module = %module.name,
+                    version = %module.version,
+                    path = %path.display(),
+                    time_limit = %crate::units::display_millis(limits.time),
+                    memory_limit = %crate::units::Bytes(limits.memory),
+                    "loaded module"
+                );
                 loaded.push(module);
             }
             Err(error) => tracing::warn!(path = %path.display(), "skipping module: {error:#}"),
@@ -83,7 +93,8 @@ pub async fn load_dir(
     Ok(loaded)
 }
 
-/// Reads, hashes and compiles one module file.
+/// Reads, hashes and compiles one module file, with the limits of its
+/// manifest if it has one and `limits` otherwise.
 pub async fn load_file(
     runtime: &Runtime,
     path: &Path,
@@ -94,13 +105,22 @@ pub async fn load_file(
         .and_then(|stem| stem.to_str())
         .unwrap_or_default();
     let name: ModuleName = stem.parse()?;
+    let limits = match Manifest::beside(path)? {
+        Some(manifest) => manifest.limits.apply_to(limits).map_err(|error| {
+            anyhow::anyhow!(
+                "invalid manifest {}: {error}",
+                path.with_extension("toml").display()
+            )
+        })?,
+        None => limits.clone(),
+    };
     let wasm = tokio::fs::read(path)
         .await
         .with_context(|| format!("failed to read {}", path.display()))?;
     let version = version_of(&wasm);
     let runtime = runtime.clone();
     let started = Instant::now();
-    let module = tokio::task::spawn_blocking(move || runtime.compile(&wasm))
+    let module = tokio::task::spawn_blocking(move || runtime.compile(&wasm, &limits))
         .await
         .context("the compiler thread panicked")?
         .with_context(|| format!("module {name} cannot be served"))?;
@@ -108,7 +128,6 @@ pub async fn load_file(
     Ok(LoadedModule {
         name,
         module,
-        limits: limits.clone(),
         version,
         path: path.to_owned(),
     })

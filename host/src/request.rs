@@ -2,12 +2,12 @@
 //! to its caller, then ack.
 //!
 //! Every delivery that names a caller gets exactly one reply, success or
-//! error, and only then is acked: if the node dies before the reply is
-//! confirmed by the broker, the request goes back to its queue. A delivery
+//! error, and only then is settled: if the node dies before the broker has
+//! confirmed the reply, the request goes back to its queue. A delivery
 //! without `reply_to` has nobody to answer; it is logged and acked.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use lapin::BasicProperties;
 use lapin::message::Delivery;
@@ -15,9 +15,12 @@ use lapin::options::{BasicAckOptions, BasicNackOptions, BasicPublishOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use tracing::Instrument as _;
 
+use crate::amqp::header_u64;
 use crate::names::ModuleName;
 use crate::node::{Shared, Source};
-use crate::wire::{ERROR_HEADER, ErrorKind};
+use crate::wire::{
+    DEADLINE_HEADER, DELIVERY_COUNT_HEADER, ERROR_HEADER, ErrorKind, TIMEOUT_HEADER,
+};
 
 /// What goes back to the caller.
 struct Reply {
@@ -38,6 +41,14 @@ impl Reply {
     }
 }
 
+/// What happens to the delivery once its reply is out.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Settle {
+    Ack,
+    /// Reject without requeueing: the queue dead-letters it.
+    DeadLetter,
+}
+
 pub(crate) async fn handle(shared: Arc<Shared>, source: Source, delivery: Delivery) {
     let correlation_id = delivery
         .properties
@@ -52,34 +63,44 @@ pub(crate) async fn handle(shared: Arc<Shared>, source: Source, delivery: Delive
 }
 
 async fn handle_in_span(shared: Arc<Shared>, source: Source, delivery: Delivery) {
+    let received = Instant::now();
     let Some(reply_to) = delivery.properties.reply_to().clone() else {
         tracing::warn!("dropping request without reply_to: there is nobody to answer");
         ack(&delivery).await;
         return;
     };
 
-    let started = Instant::now();
-    let reply = match source {
-        Source::Unrouted => unrouted(delivery.routing_key.as_str()),
-        Source::Module(name) => {
-            // Wait for a slot, unless the node stops first: then the request
-            // goes back to its queue for another node.
-            let permit = tokio::select! {
-                permit = shared.slots.acquire() => permit.expect("the slots semaphore is never closed"),
-                () = shared.stopping.cancelled() => {
-                    tracing::debug!("node stopping: returning request to its queue");
-                    nack(&delivery).await;
-                    return;
+    let (reply, settle) = match source {
+        Source::Unrouted => (unrouted(delivery.routing_key.as_str()), Settle::Ack),
+        Source::Module(name) => match poison_check(&shared, &name, &delivery) {
+            Some(reply) => (reply, Settle::DeadLetter),
+            None => match caller_deadline(delivery.properties.headers().as_ref(), received) {
+                Err(message) => (
+                    Reply::error(ErrorKind::BadRequest, format!("{name}: {message}")),
+                    Settle::Ack,
+                ),
+                Ok(deadline) => {
+                    // Wait for a slot, unless the node stops first: then the
+                    // request goes back to its queue for another node.
+                    let permit = tokio::select! {
+                        permit = shared.slots.acquire() => permit.expect("the slots semaphore is never closed"),
+                        () = shared.stopping.cancelled() => {
+                            tracing::debug!("node stopping: returning request to its queue");
+                            nack(&delivery, true).await;
+                            return;
+                        }
+                    };
+                    tracing::debug!(redelivered = delivery.redelivered, "running");
+                    let running = shared.stats.run();
+                    let reply = run(&shared, &name, &delivery.data, deadline).await;
+                    drop((running, permit));
+                    (reply, Settle::Ack)
                 }
-            };
-            tracing::debug!(redelivered = delivery.redelivered, "running");
-            let reply = run(&shared, &name, &delivery.data).await;
-            drop(permit);
-            reply
-        }
+            },
+        },
     };
 
-    let elapsed_ms = (started.elapsed().as_secs_f64() * 1e5).round() / 100.0;
+    let elapsed_ms = (received.elapsed().as_secs_f64() * 1e5).round() / 100.0;
     match reply.error {
         None => tracing::info!(elapsed_ms, "served"),
         Some(kind) => tracing::warn!(
@@ -89,24 +110,87 @@ async fn handle_in_span(shared: Arc<Shared>, source: Source, delivery: Delivery)
             "failed"
         ),
     }
-    if publish(&shared, &delivery, reply_to.as_str(), reply).await {
-        ack(&delivery).await;
+    if !publish(&shared, &delivery, reply_to.as_str(), reply).await {
+        nack(&delivery, true).await;
+    } else if settle == Settle::DeadLetter {
+        nack(&delivery, false).await;
     } else {
-        nack(&delivery).await;
+        ack(&delivery).await;
     }
 }
 
-async fn run(shared: &Shared, name: &ModuleName, input: &[u8]) -> Reply {
+async fn run(shared: &Shared, name: &ModuleName, input: &[u8], deadline: Option<Instant>) -> Reply {
     let Some(module) = shared.registry.get(name) else {
         return Reply::error(
             ErrorKind::NotFound,
             format!("this node no longer serves module {:?}", name.as_str()),
         );
     };
-    match module.module.call(input, &module.limits).await {
+    match module.module.call(input, deadline).await {
         Ok(output) => Reply::ok(output),
         Err(error) => Reply::error(ErrorKind::from(&error), format!("{name}: {error}")),
     }
+}
+
+/// A request that nodes have taken `delivery_limit` times without ever
+/// settling it (each died or was killed while running it) is not run again:
+/// its caller hears so, and it goes to the dead-letter queue for an operator.
+/// The queue's own `x-delivery-limit` catches it anyway if this node dies too.
+fn poison_check(shared: &Shared, name: &ModuleName, delivery: &Delivery) -> Option<Reply> {
+    let count = header_u64(
+        delivery.properties.headers().as_ref(),
+        DELIVERY_COUNT_HEADER,
+    )
+    .ok()??;
+    if count < u64::from(shared.delivery_limit) {
+        if count > 0 {
+            tracing::warn!(
+                delivery_count = count,
+                "running a request that nodes took before and never answered"
+            );
+        }
+        return None;
+    }
+    Some(Reply::error(
+        ErrorKind::Poison,
+        format!(
+            "{name}: nodes took this request {count} times and stopped each time before replying; \
+             it is not run again, and is kept in queue {:?}",
+            shared.topology.dead_queue()
+        ),
+    ))
+}
+
+/// The earliest of the deadlines the caller set with [`TIMEOUT_HEADER`]
+/// (counted from `received`) and [`DEADLINE_HEADER`] (Unix milliseconds).
+fn caller_deadline(
+    headers: Option<&FieldTable>,
+    received: Instant,
+) -> Result<Option<Instant>, String> {
+    let timeout = match header_u64(headers, TIMEOUT_HEADER)? {
+        Some(0) => return Err(format!("header {TIMEOUT_HEADER} must be at least 1")),
+        Some(ms) => Some(received + Duration::from_millis(ms)),
+        None => None,
+    };
+    let deadline = header_u64(headers, DEADLINE_HEADER)?.map(|unix_ms| {
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis() as u64;
+        if unix_ms >= now_ms {
+            received + Duration::from_millis(unix_ms - now_ms)
+        } else {
+            // Already past: any instant before `received` will do, as near as
+            // the clock allows to the real one so the error says how late.
+            received
+                .checked_sub(Duration::from_millis(now_ms - unix_ms))
+                .unwrap_or(received)
+        }
+    });
+    Ok(match (timeout, deadline) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    })
 }
 
 /// The answer to a request that no module queue took.
@@ -121,7 +205,7 @@ fn unrouted(routing_key: &str) -> Reply {
 }
 
 /// Publishes the reply and waits for the broker to take it. Returns whether
-/// it did; the caller acks only then.
+/// it did; the caller settles the request only then.
 async fn publish(shared: &Shared, delivery: &Delivery, reply_to: &str, reply: Reply) -> bool {
     let mut properties = BasicProperties::default();
     if let Some(correlation_id) = delivery.properties.correlation_id() {
@@ -170,12 +254,12 @@ async fn ack(delivery: &Delivery) {
     }
 }
 
-async fn nack(delivery: &Delivery) {
+async fn nack(delivery: &Delivery, requeue: bool) {
     let options = BasicNackOptions {
-        requeue: true,
+        requeue,
         ..BasicNackOptions::default()
     };
     if let Err(error) = delivery.nack(options).await {
-        tracing::error!("failed to return the request to its queue: {error}");
+        tracing::error!("failed to settle the request: {error}");
     }
 }

@@ -23,6 +23,18 @@ pub const DEFAULT_EXCHANGE: &str = "wasmrpc";
 /// The header that marks a reply as an error and names its kind.
 pub const ERROR_HEADER: &str = "x-error";
 
+/// A request header: the most milliseconds the caller will wait, counted
+/// from when a node takes the request. Can only shorten the module's limit.
+pub const TIMEOUT_HEADER: &str = "x-timeout-ms";
+
+/// A request header: the Unix time, in milliseconds, by which the caller
+/// needs the reply. Counts time spent queued; needs synchronized clocks.
+pub const DEADLINE_HEADER: &str = "x-deadline";
+
+/// Set by quorum queues on every delivery: how many times the request was
+/// delivered before and not acked.
+pub const DELIVERY_COUNT_HEADER: &str = "x-delivery-count";
+
 /// How long an unroutable request waits for a node to say `not_found`. Past
 /// that its caller has long given up.
 pub const UNROUTED_TTL_MS: u32 = 60_000;
@@ -57,6 +69,16 @@ impl Topology {
         format!("{}.unrouted", self.exchange)
     }
 
+    /// The fanout exchange that module queues dead-letter poison requests to.
+    pub fn dead_exchange(&self) -> String {
+        format!("{}.dead", self.exchange)
+    }
+
+    /// Where poison requests end up, for an operator to inspect.
+    pub fn dead_queue(&self) -> String {
+        format!("{}.dead", self.exchange)
+    }
+
     /// The queue that holds requests for one module. Module names contain no
     /// dot, so these never collide with the names above.
     pub fn module_queue(&self, module: &ModuleName) -> String {
@@ -85,10 +107,13 @@ pub enum ErrorKind {
     TooLarge,
     /// The node could not run the request (it never reached the module).
     Internal,
+    /// Nodes took the request several times and stopped before replying
+    /// each time; it was set aside in the dead-letter queue instead of run again.
+    Poison,
 }
 
 impl ErrorKind {
-    pub const ALL: [ErrorKind; 9] = [
+    pub const ALL: [ErrorKind; 10] = [
         ErrorKind::BadRequest,
         ErrorKind::NotFound,
         ErrorKind::GuestError,
@@ -98,6 +123,7 @@ impl ErrorKind {
         ErrorKind::StackOverflow,
         ErrorKind::TooLarge,
         ErrorKind::Internal,
+        ErrorKind::Poison,
     ];
 
     /// The value of [`ERROR_HEADER`] for this kind.
@@ -112,6 +138,7 @@ impl ErrorKind {
             ErrorKind::StackOverflow => "stack_overflow",
             ErrorKind::TooLarge => "too_large",
             ErrorKind::Internal => "internal",
+            ErrorKind::Poison => "poison",
         }
     }
 
@@ -136,7 +163,9 @@ impl From<&CallError> for ErrorKind {
             CallError::InputTooLarge { .. } | CallError::OutputTooLarge { .. } => {
                 ErrorKind::TooLarge
             }
-            CallError::Timeout { .. } => ErrorKind::Timeout,
+            CallError::Timeout { .. }
+            | CallError::Deadline { .. }
+            | CallError::DeadlinePassed { .. } => ErrorKind::Timeout,
             CallError::Memory { .. } => ErrorKind::Memory,
             CallError::StackOverflow { .. } => ErrorKind::StackOverflow,
             CallError::Trap(_) => ErrorKind::Trap,

@@ -8,23 +8,18 @@ use crate::support::guests;
 
 async fn answers(module: &Module, input: &[u8]) -> Result<Vec<u8>, String> {
     module
-        .call(input, &Limits::default())
+        .call(input, None)
         .await
         .map_err(|error| error.to_string())
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_bundled_fib_answers_like_a_fresh_build() {
-    let runtime = Runtime::new(&RuntimeConfig {
-        max_concurrent: 2,
-        max_memory: Limits::DEFAULT_MEMORY,
-        max_stack: 512 << 10,
-    })
-    .unwrap();
+    let runtime = Runtime::new(&RuntimeConfig { max_concurrent: 2 }).unwrap();
     let compile = |path: &Path| {
         let wasm = std::fs::read(path)
             .unwrap_or_else(|error| panic!("cannot read {}: {error}", path.display()));
-        runtime.compile(&wasm).unwrap()
+        runtime.compile(&wasm, &Limits::DEFAULT).unwrap()
     };
     let bundled = compile(&guests::repo().join("modules/fib.wasm"));
     let fresh = compile(&guests::wasm("fib"));

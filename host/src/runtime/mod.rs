@@ -7,13 +7,14 @@
 //!
 //! Cost model: [`Runtime::compile`] is slow (tens to hundreds of milliseconds,
 //! call it off the async path); [`Module::call`] instantiates from a pooled,
-//! pre-linked [`bindings::ModulePre`] and costs microseconds before the guest
-//! runs.
+//! pre-linked [`bindings::ModulePre`] and costs tens of microseconds before
+//! the guest runs.
 
 mod limits;
 mod sandbox;
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -26,6 +27,7 @@ use wasmtime::{
 
 pub use self::limits::Limits;
 use self::sandbox::{DeadlineExceeded, MemoryLimitExceeded, Sandbox};
+use crate::units::{Bytes, display_millis};
 
 mod bindings {
     wasmtime::component::bindgen!({
@@ -45,72 +47,49 @@ pub struct RuntimeConfig {
     /// The most requests that run at once. The instance pool is sized to it
     /// and callers must not exceed it (the node holds a semaphore of this size).
     pub max_concurrent: u32,
-    /// The highest memory limit any module may be given.
-    pub max_memory: u64,
-    /// Wasm stack available to a guest, in bytes.
-    pub max_stack: usize,
 }
 
-/// The shared wasmtime engine and linker; clone-cheap, build one per process.
+/// Compiles modules; clone-cheap, build one per process.
+///
+/// wasmtime fixes the wasm stack size per engine, so modules are compiled by
+/// one engine per distinct stack limit, each made on first use. In practice
+/// a node has one or two.
 #[derive(Clone)]
 pub struct Runtime {
+    slots: u32,
+    engines: Arc<Mutex<BTreeMap<usize, Flavor>>>,
+}
+
+/// An engine, and the linker that offers guests WASI, for one stack size.
+#[derive(Clone)]
+struct Flavor {
     engine: Engine,
     linker: Arc<Linker<Sandbox>>,
-    max_stack: usize,
 }
 
 impl Runtime {
     pub fn new(config: &RuntimeConfig) -> anyhow::Result<Self> {
-        let slots = config.max_concurrent.max(1);
-        // Every figure is per slot: a component may hold several core
-        // instances, tables and memories (a wasip2 build of Rust has 3 core
-        // instances; other toolchains more), but only one component runs
-        // per slot.
-        let mut pool = PoolingAllocationConfig::default();
-        pool.total_component_instances(slots)
-            .total_core_instances(slots * 32)
-            .max_core_instances_per_component(32)
-            .total_memories(slots * 2)
-            .max_memories_per_component(2)
-            .total_tables(slots * 8)
-            .max_tables_per_component(8)
-            .total_stacks(slots)
-            .max_memory_size(usize::try_from(config.max_memory).context("memory limit too large")?);
-
-        let mut wasmtime = Config::new();
-        wasmtime
-            .epoch_interruption(true)
-            .max_wasm_stack(config.max_stack)
-            // The async fiber runs host calls too: leave them room above the guest's stack.
-            .async_stack_size(config.max_stack + (1 << 20))
-            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
-        let engine = Engine::new(&wasmtime).context("failed to create the wasm engine")?;
-        spawn_epoch_ticker(engine.weak());
-
-        let mut linker = Linker::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_async(&mut linker)
-            .context("failed to link the WASI sandbox")?;
-        Ok(Runtime {
-            engine,
-            linker: Arc::new(linker),
-            max_stack: config.max_stack,
-        })
+        let runtime = Runtime {
+            slots: config.max_concurrent.max(1),
+            engines: Arc::default(),
+        };
+        // Fail now, not at the first module, if the engine cannot be built.
+        runtime.flavor(Limits::DEFAULT.stack)?;
+        Ok(runtime)
     }
 
-    /// Compiles and links a component that implements the `module` world.
+    /// Compiles and links a component that implements the `module` world,
+    /// to run within `limits`.
     ///
     /// Fails if the bytes are not a component, or if it does not export
     /// `call` with the world's signature, or if it imports anything but
     /// WASI 0.2. Slow: run it on a blocking thread.
-    pub fn compile(&self, wasm: &[u8]) -> anyhow::Result<Module> {
-        let component = Component::new(&self.engine, wasm).context("not a valid wasm component")?;
-        let imports_wasi = component
-            .component_type()
-            .imports(&self.engine)
-            .next()
-            .is_some();
-        let pre = self
-            .linker
+    pub fn compile(&self, wasm: &[u8], limits: &Limits) -> anyhow::Result<Module> {
+        limits.validate().map_err(anyhow::Error::msg)?;
+        let Flavor { engine, linker } = self.flavor(limits.stack)?;
+        let component = Component::new(&engine, wasm).context("not a valid wasm component")?;
+        let imports_wasi = component.component_type().imports(&engine).next().is_some();
+        let pre = linker
             .instantiate_pre(&component)
             .context("imports something other than WASI 0.2")?;
         let pre = bindings::ModulePre::new(pre)
@@ -118,10 +97,55 @@ impl Runtime {
         Ok(Module {
             pre,
             imports_wasi,
-            engine: self.engine.clone(),
-            max_stack: self.max_stack,
+            engine,
+            limits: limits.clone(),
         })
     }
+
+    fn flavor(&self, stack: usize) -> anyhow::Result<Flavor> {
+        let mut engines = self.engines.lock().expect("engines lock");
+        if let Some(flavor) = engines.get(&stack) {
+            return Ok(flavor.clone());
+        }
+        let engine = new_engine(self.slots, stack)?;
+        spawn_epoch_ticker(engine.weak());
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)
+            .context("failed to link the WASI sandbox")?;
+        let flavor = Flavor {
+            engine,
+            linker: Arc::new(linker),
+        };
+        engines.insert(stack, flavor.clone());
+        Ok(flavor)
+    }
+}
+
+fn new_engine(slots: u32, stack: usize) -> anyhow::Result<Engine> {
+    // Every figure is per slot: a component may hold several core instances,
+    // tables and memories (a wasip2 build of Rust has 3 core instances; other
+    // toolchains more), but only one component runs per slot. Memory slots
+    // reserve address space, not memory: size them for the largest limit and
+    // let each store's limiter enforce its module's.
+    let mut pool = PoolingAllocationConfig::default();
+    pool.total_component_instances(slots)
+        .total_core_instances(slots * 32)
+        .max_core_instances_per_component(32)
+        .total_memories(slots * 2)
+        .max_memories_per_component(2)
+        .total_tables(slots * 8)
+        .max_tables_per_component(8)
+        .total_stacks(slots)
+        .max_memory_size(Limits::MAX.memory as usize);
+
+    let mut config = Config::new();
+    config
+        .epoch_interruption(true)
+        .max_wasm_stack(stack)
+        // The async fiber runs host calls too: leave them room above the guest's stack.
+        .async_stack_size(stack + (1 << 20))
+        .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+    Ok(Engine::new(&config).context("failed to create the wasm engine")?)
 }
 
 /// Advances the engine's epoch every [`EPOCH_TICK`] until the engine is gone.
@@ -138,13 +162,14 @@ fn spawn_epoch_ticker(engine: EngineWeak) {
         .expect("failed to spawn the epoch thread");
 }
 
-/// A compiled, linked compute module. Clone-cheap; every clone shares the code.
+/// A compiled, linked compute module and its limits. Clone-cheap; every
+/// clone shares the code.
 #[derive(Clone)]
 pub struct Module {
     pre: bindings::ModulePre<Sandbox>,
     imports_wasi: bool,
     engine: Engine,
-    max_stack: usize,
+    limits: Limits,
 }
 
 /// Why a call produced no output. Every variant is an answer for the caller,
@@ -155,37 +180,71 @@ pub enum CallError {
     InvalidInput(String),
     #[error("{0}")]
     Failed(String),
-    #[error("input is {size} bytes, more than the limit of {limit} bytes")]
+    #[error("request body of {} is over the limit of {}", Bytes(*.size as u64), Bytes(*.limit as u64))]
     InputTooLarge { size: usize, limit: usize },
-    #[error("output is {size} bytes, more than the limit of {limit} bytes")]
+    #[error("reply of {} is over the limit of {}", Bytes(*.size as u64), Bytes(*.limit as u64))]
     OutputTooLarge { size: usize, limit: usize },
-    #[error("ran longer than the time limit of {} ms", .limit.as_millis())]
+    #[error("ran longer than its time limit of {}", display_millis(*.limit))]
     Timeout { limit: Duration },
-    #[error("needed more than the memory limit of {limit} bytes")]
+    #[error("ran past the caller's deadline, {} after it started", display_millis(*.budget))]
+    Deadline { budget: Duration },
+    #[error("the caller's deadline passed {} before the request could start", display_millis(*.late_by))]
+    DeadlinePassed { late_by: Duration },
+    #[error("needed more than its memory limit of {}", Bytes(*.limit))]
     Memory { limit: u64 },
-    #[error("overflowed the wasm stack limit of {limit} bytes")]
+    #[error("overflowed its wasm stack limit of {}", Bytes(*.limit as u64))]
     StackOverflow { limit: usize },
     #[error("trapped: {0}")]
     Trap(String),
     /// The sandbox could not be set up; the module never ran.
-    #[error("could not start the module: {0}")]
+    #[error("could not start: {0}")]
     Instantiate(String),
 }
 
 impl Module {
-    /// Runs one request in a fresh instance, within `limits`.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Runs one request in a fresh instance, within the module's limits and
+    /// the caller's `deadline`, whichever ends first.
     ///
     /// Anything the guest writes to stdout or stderr is logged (target
     /// `wasmrpc::guest`) inside the caller's tracing span, and stderr is
     /// appended to the message of a trap so a panic message reaches the caller.
-    pub async fn call(&self, input: &[u8], limits: &Limits) -> Result<Vec<u8>, CallError> {
-        if input.len() > limits.input {
+    pub async fn call(
+        &self,
+        input: &[u8],
+        deadline: Option<Instant>,
+    ) -> Result<Vec<u8>, CallError> {
+        let limits = &self.limits;
+        if input.len() > limits.request {
             return Err(CallError::InputTooLarge {
                 size: input.len(),
-                limit: limits.input,
+                limit: limits.request,
             });
         }
-        let deadline = Instant::now() + limits.timeout;
+        let started = Instant::now();
+        let own_deadline = started + limits.time;
+        let (deadline, callers) = match deadline {
+            Some(deadline) if deadline <= started => {
+                return Err(CallError::DeadlinePassed {
+                    late_by: started - deadline,
+                });
+            }
+            Some(deadline) if deadline < own_deadline => (deadline, true),
+            _ => (own_deadline, false),
+        };
+        let timeout = || {
+            if callers {
+                CallError::Deadline {
+                    budget: deadline - started,
+                }
+            } else {
+                CallError::Timeout { limit: limits.time }
+            }
+        };
+
         let mut store = Store::new(&self.engine, Sandbox::new(limits, self.imports_wasi));
         store.limiter(|sandbox| sandbox);
         store.set_epoch_deadline(1);
@@ -215,20 +274,17 @@ impl Module {
         let stderr = store.data().log_output();
 
         let result = match outcome {
-            Err(_elapsed) => {
-                return Err(CallError::Timeout {
-                    limit: limits.timeout,
-                });
-            }
+            Err(_elapsed) => return Err(timeout()),
             Ok(Ok(result)) => result,
+            Ok(Err((error, _))) if error.is::<DeadlineExceeded>() => return Err(timeout()),
             Ok(Err((error, instantiating))) => {
-                return Err(self.classify(error, instantiating, limits, stderr));
+                return Err(self.classify(error, instantiating, stderr));
             }
         };
         match result {
-            Ok(output) if output.len() > limits.output => Err(CallError::OutputTooLarge {
+            Ok(output) if output.len() > limits.reply => Err(CallError::OutputTooLarge {
                 size: output.len(),
-                limit: limits.output,
+                limit: limits.reply,
             }),
             Ok(output) => Ok(output),
             Err(bindings::CallError::InvalidInput(message)) => {
@@ -240,31 +296,21 @@ impl Module {
 
     /// Names the limit a failed call ran into, or passes the trap on with
     /// what the guest wrote to stderr.
-    fn classify(
-        &self,
-        error: wasmtime::Error,
-        instantiating: bool,
-        limits: &Limits,
-        stderr: String,
-    ) -> CallError {
-        if error.is::<DeadlineExceeded>() {
-            return CallError::Timeout {
-                limit: limits.timeout,
-            };
-        }
+    fn classify(&self, error: wasmtime::Error, instantiating: bool, stderr: String) -> CallError {
         if error.is::<MemoryLimitExceeded>() {
             return CallError::Memory {
-                limit: limits.memory,
+                limit: self.limits.memory,
             };
         }
         match error.downcast_ref::<Trap>() {
             Some(Trap::StackOverflow) => CallError::StackOverflow {
-                limit: self.max_stack,
+                limit: self.limits.stack,
             },
             Some(trap) => {
-                let mut message = trap.to_string();
+                let trap = trap.to_string();
+                let mut message = trap.strip_prefix("wasm trap: ").unwrap_or(&trap).to_owned();
                 if !stderr.is_empty() {
-                    message = format!("{message}; stderr: {}", stderr.trim_end());
+                    message = format!("{message}\nstderr:\n{}", stderr.trim_end());
                 }
                 CallError::Trap(message)
             }

@@ -4,6 +4,8 @@
 pub mod guests;
 pub mod node;
 pub mod oracle;
+pub mod process;
+pub mod raw;
 
 pub use self::node::TestNode;
 

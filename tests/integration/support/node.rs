@@ -1,5 +1,6 @@
 //! A real node, in this process, on the real broker, under a fresh exchange.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
@@ -9,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 use wasmrpc::client::{Client, Reply};
 use wasmrpc::names::ModuleName;
 use wasmrpc::node::{Node, NodeConfig};
+use wasmrpc::stats::Stats;
 use wasmrpc::wire::Topology;
 
 use super::{amqp_url, guests, unique};
@@ -21,53 +23,116 @@ pub struct TestNode {
     /// Deleted when the node is dropped.
     _modules_dir: TempDir,
     modules: Vec<ModuleName>,
+    pub stats: Arc<Stats>,
     stop: CancellationToken,
     serving: Option<JoinHandle<anyhow::Result<()>>>,
+    /// Dropped after `drop` has told the node to stop.
+    _cleanup: Cleanup,
 }
 
-impl TestNode {
-    /// A node serving the named guests (built from `guests/`).
-    pub async fn start(guest_names: &[&str]) -> TestNode {
-        Self::start_with(guest_names, |_| {}).await
+/// What a test node serves and how it is configured, before it starts.
+pub struct Setup {
+    guests: Vec<String>,
+    files: Vec<(String, Vec<u8>)>,
+    /// Its modules directory is filled in by `start`.
+    config: NodeConfig,
+}
+
+impl Setup {
+    /// Adds a file to the modules directory (a manifest, a broken module...).
+    pub fn file(mut self, name: &str, contents: impl Into<Vec<u8>>) -> Self {
+        self.files.push((name.to_owned(), contents.into()));
+        self
     }
 
-    /// A node serving the named guests, its configuration adjusted first.
-    pub async fn start_with(
-        guest_names: &[&str],
-        configure: impl FnOnce(&mut NodeConfig),
-    ) -> TestNode {
+    /// Gives `module` a manifest.
+    pub fn manifest(self, module: &str, toml: &str) -> Self {
+        self.file(&format!("{module}.toml"), toml)
+    }
+
+    /// Adjusts the node's configuration.
+    pub fn config(mut self, configure: impl FnOnce(&mut NodeConfig)) -> Self {
+        configure(&mut self.config);
+        self
+    }
+
+    pub async fn start(self) -> TestNode {
+        self.try_start().await.expect("the node failed to start")
+    }
+
+    pub async fn try_start(self) -> anyhow::Result<TestNode> {
         let modules_dir = tempfile::tempdir().expect("failed to create a modules directory");
-        for name in guest_names {
+        for name in &self.guests {
             std::fs::copy(
                 guests::wasm(name),
                 modules_dir.path().join(format!("{name}.wasm")),
             )
             .expect("failed to copy a guest into the modules directory");
         }
-        Self::start_in(modules_dir, unique("node"), configure).await
-    }
-
-    /// A node serving whatever `modules_dir` holds, on `exchange`.
-    pub async fn start_in(
-        modules_dir: TempDir,
-        exchange: String,
-        configure: impl FnOnce(&mut NodeConfig),
-    ) -> TestNode {
-        let mut config = NodeConfig::new(amqp_url(), modules_dir.path());
-        config.exchange = exchange;
-        configure(&mut config);
+        for (name, contents) in &self.files {
+            std::fs::write(modules_dir.path().join(name), contents)
+                .expect("failed to write to the modules directory");
+        }
+        let mut config = self.config;
+        config.modules_dir = modules_dir.path().to_owned();
         let topology = Topology::new(&config.exchange);
-        let node = Node::start(config).await.expect("the node failed to start");
+        // Made before the node starts: a node that fails half-way may have
+        // declared some of its topology already.
+        let cleanup = Cleanup {
+            topology: topology.clone(),
+            modules: self
+                .guests
+                .iter()
+                .filter_map(|name| name.parse().ok())
+                .collect(),
+        };
+        let node = Node::start(config).await?;
         let modules = node.modules();
+        let stats = node.stats();
         let stop = CancellationToken::new();
         let serving = tokio::spawn(node.serve(stop.clone().cancelled_owned()));
-        TestNode {
+        Ok(TestNode {
             topology,
             _modules_dir: modules_dir,
             modules,
+            stats,
             stop,
             serving: Some(serving),
+            _cleanup: cleanup,
+        })
+    }
+}
+
+impl TestNode {
+    /// A node serving the named guests (built from `guests/`), with defaults.
+    pub async fn start(guests: &[&str]) -> TestNode {
+        Self::setup(guests).start().await
+    }
+
+    /// A node serving the named guests, to be configured further.
+    pub fn setup(guests: &[&str]) -> Setup {
+        Setup {
+            guests: guests.iter().map(|name| name.to_string()).collect(),
+            files: Vec::new(),
+            config: NodeConfig {
+                exchange: unique("node"),
+                ..NodeConfig::new(amqp_url(), "")
+            },
         }
+    }
+
+    /// Waits until `count` requests are running wasm on the node.
+    pub async fn running(&self, count: usize) {
+        let mut running = self.stats.running();
+        tokio::time::timeout(REPLY_TIMEOUT, running.wait_for(|&n| n == count))
+            .await
+            .unwrap_or_else(|_| panic!("{count} requests never ran at once"))
+            .unwrap();
+    }
+
+    /// The modules the node loaded.
+    pub fn modules(&self) -> &[ModuleName] {
+        &self.modules
     }
 
     pub fn exchange(&self) -> &str {
@@ -100,11 +165,32 @@ impl TestNode {
 }
 
 impl Drop for TestNode {
-    /// Stops the node if the test did not, and deletes what it declared on
-    /// the broker, so a test leaves nothing behind even when it fails.
+    /// Stops the node if the test did not; `cleanup` then deletes its topology.
     fn drop(&mut self) {
         self.stop.cancel();
-        let (topology, modules) = (self.topology.clone(), self.modules.clone());
+    }
+}
+
+/// Deletes, when dropped, everything a node on `topology` serving `modules`
+/// declared on the broker, so a test leaves nothing behind even when it fails.
+pub struct Cleanup {
+    pub topology: Topology,
+    pub modules: Vec<ModuleName>,
+}
+
+impl Cleanup {
+    pub fn new(exchange: &str, modules: &[&str]) -> Cleanup {
+        Cleanup {
+            topology: Topology::new(exchange),
+            modules: modules.iter().map(|name| name.parse().unwrap()).collect(),
+        }
+    }
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let (topology, modules) = (self.topology.clone(), std::mem::take(&mut self.modules));
+        // Drop cannot await, and may run inside a runtime: use a thread of its own.
         let _ = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -116,8 +202,7 @@ impl Drop for TestNode {
     }
 }
 
-/// Deletes the queues and exchanges a node on `topology` declared.
-pub async fn delete_topology(topology: &Topology, modules: &[ModuleName]) {
+async fn delete_topology(topology: &Topology, modules: &[ModuleName]) {
     let Ok(connection) = lapin::Connection::connect(&amqp_url(), Default::default()).await else {
         return;
     };
@@ -127,13 +212,18 @@ pub async fn delete_topology(topology: &Topology, modules: &[ModuleName]) {
     let queues = modules
         .iter()
         .map(|module| topology.module_queue(module))
-        .chain([topology.unrouted_queue()]);
+        .chain([topology.unrouted_queue(), topology.dead_queue()]);
     for queue in queues {
         let _ = channel
             .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
             .await;
     }
-    for exchange in [topology.exchange().to_owned(), topology.unrouted_exchange()] {
+    let exchanges = [
+        topology.exchange().to_owned(),
+        topology.unrouted_exchange(),
+        topology.dead_exchange(),
+    ];
+    for exchange in exchanges {
         let _ = channel
             .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
             .await;

@@ -1,0 +1,183 @@
+//! A module's optional manifest: `NAME.toml` beside `NAME.wasm`.
+//!
+//! ```toml
+//! # Every key is optional; what is left out takes the node's setting.
+//! [limits]
+//! time = "2s"        # ms, s or m; a bare number is seconds
+//! memory = "64MiB"   # B, KiB, MiB or GiB; a bare number is bytes
+//! stack = "1MiB"
+//! request = "64KiB"
+//! reply = "1MiB"
+//! ```
+//!
+//! Unknown keys are errors, so a misspelt limit is never silently ignored.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use serde::{Deserialize, Deserializer};
+
+use crate::runtime::Limits;
+use crate::units::{Bytes, parse_duration};
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    #[serde(default)]
+    pub limits: LimitOverrides,
+}
+
+/// Limits to change, each optional. Used for manifests and for the node's
+/// own flags alike.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitOverrides {
+    #[serde(default, deserialize_with = "duration")]
+    pub time: Option<Duration>,
+    #[serde(default, deserialize_with = "size")]
+    pub memory: Option<u64>,
+    #[serde(default, deserialize_with = "size")]
+    pub stack: Option<u64>,
+    #[serde(default, deserialize_with = "size")]
+    pub request: Option<u64>,
+    #[serde(default, deserialize_with = "size")]
+    pub reply: Option<u64>,
+}
+
+impl LimitOverrides {
+    /// `base` with these overrides applied, checked against [`Limits::MAX`].
+    pub fn apply_to(&self, base: &Limits) -> Result<Limits, String> {
+        let fit = |value: u64, name: &str| {
+            usize::try_from(value).map_err(|_| format!("the {name} limit is too large"))
+        };
+        let limits = Limits {
+            time: self.time.unwrap_or(base.time),
+            memory: self.memory.unwrap_or(base.memory),
+            stack: self
+                .stack
+                .map(|n| fit(n, "stack"))
+                .transpose()?
+                .unwrap_or(base.stack),
+            request: self
+                .request
+                .map(|n| fit(n, "request"))
+                .transpose()?
+                .unwrap_or(base.request),
+            reply: self
+                .reply
+                .map(|n| fit(n, "reply"))
+                .transpose()?
+                .unwrap_or(base.reply),
+        };
+        limits.validate()?;
+        Ok(limits)
+    }
+}
+
+impl Manifest {
+    /// Reads the manifest beside `wasm`, if there is one.
+    pub fn beside(wasm: &Path) -> anyhow::Result<Option<Manifest>> {
+        let path = wasm.with_extension("toml");
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(error) => {
+                return Err(error).with_context(|| format!("failed to read {}", path.display()));
+            }
+        };
+        let manifest = toml::from_str(&text)
+            .with_context(|| format!("invalid manifest {}", path.display()))?;
+        Ok(Some(manifest))
+    }
+}
+
+/// A number, or a string with a unit.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Value {
+    Number(u64),
+    Text(String),
+}
+
+fn duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Duration>, D::Error> {
+    let parsed = match Value::deserialize(deserializer)? {
+        Value::Number(seconds) => parse_duration(&seconds.to_string()),
+        Value::Text(text) => parse_duration(&text),
+    };
+    parsed.map(Some).map_err(serde::de::Error::custom)
+}
+
+fn size<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<u64>, D::Error> {
+    match Value::deserialize(deserializer)? {
+        Value::Number(bytes) => Ok(Some(bytes)),
+        Value::Text(text) => Bytes::parse(&text)
+            .map(|Bytes(n)| Some(n))
+            .map_err(serde::de::Error::custom),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Manifest, toml::de::Error> {
+        toml::from_str(text)
+    }
+
+    #[test]
+    fn every_limit_can_be_set_with_units_or_plain_numbers() {
+        let manifest = parse(
+            r#"
+            [limits]
+            time = "250ms"
+            memory = "64MiB"
+            stack = 1048576
+            request = "1KiB"
+            reply = "2MiB"
+            "#,
+        )
+        .unwrap();
+        let limits = manifest.limits.apply_to(&Limits::DEFAULT).unwrap();
+        assert_eq!(
+            limits,
+            Limits {
+                time: Duration::from_millis(250),
+                memory: 64 << 20,
+                stack: 1 << 20,
+                request: 1 << 10,
+                reply: 2 << 20,
+            }
+        );
+    }
+
+    #[test]
+    fn what_is_left_out_keeps_the_base_value() {
+        let manifest = parse("[limits]\ntime = 3\n").unwrap();
+        let limits = manifest.limits.apply_to(&Limits::DEFAULT).unwrap();
+        assert_eq!(limits.time, Duration::from_secs(3));
+        assert_eq!(
+            Limits {
+                time: Limits::DEFAULT.time,
+                ..limits
+            },
+            Limits::DEFAULT
+        );
+        assert_eq!(parse("").unwrap().limits, LimitOverrides::default());
+    }
+
+    #[test]
+    fn mistakes_are_errors() {
+        assert!(parse("[limits]\ntiem = \"2s\"\n").is_err(), "unknown key");
+        assert!(parse("[limit]\ntime = \"2s\"\n").is_err(), "unknown table");
+        assert!(parse("[limits]\nmemory = \"lots\"\n").is_err(), "bad size");
+        assert!(parse("[limits]\ntime = \"0s\"\n").is_err(), "zero time");
+        let huge = parse("[limits]\nmemory = \"8GiB\"\n").unwrap();
+        assert!(
+            huge.limits
+                .apply_to(&Limits::DEFAULT)
+                .unwrap_err()
+                .contains("at most 4 GiB")
+        );
+    }
+}
