@@ -12,7 +12,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
-use wasmrpc::runtime::{Limits, Module, Runtime, RuntimeConfig};
+use wasmrpc::runtime::{Limits, Module, Runtime, RuntimeConfig, Wasm};
 
 const BATCHES: usize = 7;
 
@@ -50,9 +50,12 @@ fn main() -> anyhow::Result<()> {
         .validate(true)
         .encode()?;
 
-    let runtime = Runtime::new(&RuntimeConfig { max_concurrent: 1 })?;
-    let wasip2 = runtime.compile(&wasip2, &Limits::DEFAULT)?;
-    let no_imports = runtime.compile(&no_imports, &Limits::DEFAULT)?;
+    let runtime = Runtime::new(&RuntimeConfig {
+        max_concurrent: 1,
+        cache_dir: None,
+    })?;
+    let wasip2 = runtime.compile(&Wasm::new(wasip2), &Limits::DEFAULT)?;
+    let no_imports = runtime.compile(&Wasm::new(no_imports), &Limits::DEFAULT)?;
 
     let tokio = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -100,6 +100,40 @@ pub async fn declare_exchanges(channel: &Channel, topology: &Topology) -> anyhow
     bind(channel, &queue, &dead, "").await
 }
 
+/// Declares the control exchange and this node's own queue on it: a
+/// server-named queue that dies with the connection. Returns its name.
+pub async fn declare_control_queue(
+    channel: &Channel,
+    topology: &Topology,
+) -> anyhow::Result<String> {
+    let exchange = topology.control_exchange();
+    let durable = ExchangeDeclareOptions {
+        durable: true,
+        ..ExchangeDeclareOptions::default()
+    };
+    channel
+        .exchange_declare(
+            exchange.as_str().into(),
+            ExchangeKind::Fanout,
+            durable,
+            FieldTable::default(),
+        )
+        .await
+        .with_context(|| format!("failed to declare exchange {exchange:?}"))?;
+    let private = QueueDeclareOptions {
+        exclusive: true,
+        auto_delete: true,
+        ..QueueDeclareOptions::default()
+    };
+    let queue = channel
+        .queue_declare("".into(), private, FieldTable::default())
+        .await
+        .context("failed to declare the control queue")?;
+    let queue = queue.name().as_str().to_owned();
+    bind(channel, &queue, &exchange, "").await?;
+    Ok(queue)
+}
+
 /// Declares a module's queue and binds it by the module's name. Returns the
 /// queue's name.
 ///

@@ -18,6 +18,7 @@ use crate::manifest::LimitOverrides;
 use crate::node::{self, Node, NodeConfig};
 use crate::runtime::Limits;
 use crate::units::{Bytes, parse_duration};
+use crate::wire::NodeStatus;
 use crate::{amqp, logging, shutdown, wire};
 
 /// WebAssembly compute over RabbitMQ: serve modules as RPC, or call them.
@@ -51,6 +52,25 @@ pub struct Cli {
 enum Command {
     Serve(ServeArgs),
     Call(CallArgs),
+    Ping(FleetArgs),
+    Modules(FleetArgs),
+}
+
+/// `ping`: list the live nodes. `modules`: list every live node's modules,
+/// with their versions and the calls each answered.
+///
+/// Asks every node on the exchange and waits `--wait` for the answers; a node
+/// that is gone does not answer. Exit codes: 0 some node answered, 3 none did,
+/// 4 broker unreachable.
+#[derive(Debug, Args)]
+struct FleetArgs {
+    /// How long to wait for nodes to answer, e.g. `1s`, `500ms`.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    wait: Duration,
+
+    /// Print the answers as JSON, one array of node statuses.
+    #[arg(long)]
+    json: bool,
 }
 
 /// Run a node: serve every `.wasm` module in a directory until SIGINT or SIGTERM.
@@ -107,6 +127,16 @@ struct ServeArgs {
         help_heading = "Limits"
     )]
     delivery_limit: u32,
+
+    /// Where compiled modules are cached between runs, so a restarted node
+    /// skips the compiler [default: $XDG_CACHE_HOME/wasmrpc, else
+    /// ~/.cache/wasmrpc].
+    #[arg(long, env = "WASMRPC_CACHE_DIR")]
+    cache_dir: Option<PathBuf>,
+
+    /// Compile every module at every start; keep nothing on disk.
+    #[arg(long, conflicts_with = "cache_dir")]
+    no_cache: bool,
 }
 
 /// Call a module and print its reply.
@@ -144,7 +174,7 @@ pub fn main() -> ExitCode {
     let default_log = match cli.command {
         Command::Serve(_) => "info",
         // The command reports its own errors; lapin would repeat them.
-        Command::Call(_) => "warn,lapin=off",
+        Command::Call(_) | Command::Ping(_) | Command::Modules(_) => "warn,lapin=off",
     };
     if let Err(error) = logging::init(cli.log.as_deref().unwrap_or(default_log)) {
         eprintln!("error: {error:#}");
@@ -179,6 +209,8 @@ pub fn main() -> ExitCode {
             }
         }
         Command::Call(args) => runtime.block_on(call(&cli.amqp_url, &cli.exchange, args)),
+        Command::Ping(args) => runtime.block_on(fleet(&cli.amqp_url, &cli.exchange, args, false)),
+        Command::Modules(args) => runtime.block_on(fleet(&cli.amqp_url, &cli.exchange, args, true)),
     }
 }
 
@@ -201,7 +233,144 @@ fn serve_config(amqp_url: &str, exchange: &str, args: ServeArgs) -> Result<NodeC
     };
     config.limits = limits.apply_to(&Limits::DEFAULT)?;
     config.delivery_limit = args.delivery_limit;
+    config.cache_dir = match (args.no_cache, args.cache_dir) {
+        (true, _) => None,
+        (false, Some(dir)) => Some(dir),
+        (false, None) => default_cache_dir(),
+    };
     Ok(config)
+}
+
+/// `$XDG_CACHE_HOME/wasmrpc`, else `~/.cache/wasmrpc`; none without a home.
+fn default_cache_dir() -> Option<PathBuf> {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .filter(|dir| !dir.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")))?;
+    Some(base.join("wasmrpc"))
+}
+
+async fn fleet(amqp_url: &str, exchange: &str, args: FleetArgs, with_modules: bool) -> ExitCode {
+    let client = match Client::connect(amqp_url, exchange).await {
+        Ok(client) => client,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            return ExitCode::from(EXIT_BROKER);
+        }
+    };
+    let nodes = match client.fleet(args.wait).await {
+        Ok(nodes) => nodes,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return ExitCode::from(EXIT_BROKER);
+        }
+    };
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&nodes).expect("node statuses are JSON")
+        );
+    } else if with_modules {
+        print!("{}", modules_table(&nodes));
+    } else {
+        print!("{}", nodes_table(&nodes));
+    }
+    if nodes.is_empty() {
+        eprintln!(
+            "no node answered within {:.1} s on exchange {exchange:?} at {}",
+            args.wait.as_secs_f64(),
+            amqp::redact(amqp_url)
+        );
+        return ExitCode::from(EXIT_TIMEOUT);
+    }
+    ExitCode::SUCCESS
+}
+
+fn nodes_table(nodes: &[NodeStatus]) -> String {
+    let rows = nodes.iter().map(|node| {
+        vec![
+            node.node.clone(),
+            node.host.clone(),
+            uptime(node.uptime_ms),
+            node.modules.len().to_string(),
+            format!("{}/{}", node.running, node.concurrency),
+        ]
+    });
+    table(&["NODE", "HOST", "UPTIME", "MODULES", "RUNNING"], rows)
+}
+
+fn modules_table(nodes: &[NodeStatus]) -> String {
+    let rows = nodes.iter().flat_map(|node| {
+        let placeholder = (node.modules.is_empty()).then(|| {
+            vec![
+                "-".to_owned(),
+                "-".to_owned(),
+                "0".to_owned(),
+                "0".to_owned(),
+            ]
+        });
+        node.modules
+            .iter()
+            .map(|module| {
+                vec![
+                    module.name.clone(),
+                    module.version.clone(),
+                    module.calls.to_string(),
+                    module.failed.to_string(),
+                ]
+            })
+            .chain(placeholder)
+            .map(move |module| {
+                [node.node.clone(), node.host.clone(), uptime(node.uptime_ms)]
+                    .into_iter()
+                    .chain(module)
+                    .collect()
+            })
+    });
+    table(
+        &[
+            "NODE", "HOST", "UPTIME", "MODULE", "VERSION", "CALLS", "FAILED",
+        ],
+        rows,
+    )
+}
+
+/// Left-aligned columns, two spaces apart, with a header line.
+fn table(header: &[&str], rows: impl Iterator<Item = Vec<String>>) -> String {
+    let rows: Vec<Vec<String>> = std::iter::once(header.iter().map(|h| h.to_string()).collect())
+        .chain(rows)
+        .collect();
+    let widths: Vec<usize> = (0..header.len())
+        .map(|column| {
+            rows.iter()
+                .map(|row| row[column].chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for row in rows {
+        let cells: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(cell, width)| format!("{cell:<width$}"))
+            .collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// `3d04h`, `1h02m`, `5m07s`, `12s`.
+fn uptime(ms: u64) -> String {
+    let s = ms / 1000;
+    let (d, h, m) = (s / 86_400, s / 3600 % 24, s / 60 % 60);
+    match (d, h, m) {
+        (0, 0, 0) => format!("{s}s"),
+        (0, 0, _) => format!("{m}m{:02}s", s % 60),
+        (0, _, _) => format!("{h}h{m:02}m"),
+        _ => format!("{d}d{h:02}h"),
+    }
 }
 
 /// A node allocates and frees large buffers with every request (bodies,
@@ -305,6 +474,14 @@ fn read_input(arg: Option<&str>) -> std::io::Result<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn uptime_reads_at_a_glance() {
+        assert_eq!(uptime(12_345), "12s");
+        assert_eq!(uptime(307_000), "5m07s");
+        assert_eq!(uptime(3_720_000), "1h02m");
+        assert_eq!(uptime(273_600_000), "3d04h");
+    }
 
     #[test]
     fn the_command_line_is_consistent() {

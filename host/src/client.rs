@@ -15,11 +15,11 @@ use lapin::options::{BasicConsumeOptions, BasicPublishOptions};
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ErrorKind as LapinErrorKind};
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 use tokio_stream::StreamExt as _;
 
 use crate::amqp;
-use crate::wire::{ERROR_HEADER, ErrorKind, TIMEOUT_HEADER};
+use crate::wire::{ERROR_HEADER, ErrorKind, NodeStatus, TIMEOUT_HEADER, Topology, VERSION_HEADER};
 
 /// The pseudo-queue RabbitMQ routes direct replies through.
 const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
@@ -32,6 +32,8 @@ pub struct Reply {
     pub body: Vec<u8>,
     /// The value of the `x-error` header: absent on success.
     pub error: Option<String>,
+    /// The version of the module that produced the reply (`x-module-version`).
+    pub version: Option<String>,
 }
 
 impl Reply {
@@ -58,9 +60,17 @@ type Pending = Arc<Mutex<PendingCalls>>;
 
 #[derive(Default)]
 struct PendingCalls {
-    waiting: HashMap<String, oneshot::Sender<Result<Reply, ClientError>>>,
+    waiting: HashMap<String, Waiter>,
     /// Set once the channel is gone; later calls fail with it at once.
     closed: Option<ClientError>,
+}
+
+/// Who waits for replies with a given correlation id.
+enum Waiter {
+    /// A call: the first reply ends it.
+    One(oneshot::Sender<Result<Reply, ClientError>>),
+    /// A fleet question: every node answers.
+    Many(mpsc::UnboundedSender<Reply>),
 }
 
 /// A connection to the broker that can call modules.
@@ -112,8 +122,10 @@ impl Client {
                     }
                 };
                 let mut pending = pending.lock().expect("pending lock");
-                for (_, call) in pending.waiting.drain() {
-                    let _ = call.send(Err(closed.clone()));
+                for (_, waiter) in pending.waiting.drain() {
+                    if let Waiter::One(call) = waiter {
+                        let _ = call.send(Err(closed.clone()));
+                    }
                 }
                 pending.closed = Some(closed);
             }
@@ -141,13 +153,7 @@ impl Client {
     ) -> Result<Reply, ClientError> {
         let correlation_id = uuid::Uuid::new_v4().to_string();
         let (sender, receiver) = oneshot::channel();
-        {
-            let mut pending = self.pending.lock().expect("pending lock");
-            if let Some(closed) = &pending.closed {
-                return Err(closed.clone());
-            }
-            pending.waiting.insert(correlation_id.clone(), sender);
-        }
+        self.wait_for(&correlation_id, Waiter::One(sender))?;
         // The broker drops the request if no node takes it in time, and a
         // node that takes it stops the module when the caller stops waiting.
         let millis = timeout.as_millis().clamp(1, u128::from(u32::MAX)) as u32;
@@ -182,6 +188,65 @@ impl Client {
         }
     }
 
+    /// Asks every node on the exchange who it is and what it serves, and
+    /// returns the answers that came within `wait`, in node-id order. A node
+    /// that is gone simply does not answer.
+    pub async fn fleet(&self, wait: Duration) -> Result<Vec<NodeStatus>, ClientError> {
+        let correlation_id = uuid::Uuid::new_v4().to_string();
+        let (sender, mut answers) = mpsc::unbounded_channel();
+        self.wait_for(&correlation_id, Waiter::Many(sender))?;
+        let properties = BasicProperties::default()
+            .with_reply_to(DIRECT_REPLY_TO.into())
+            .with_correlation_id(correlation_id.as_str().into())
+            .with_expiration(
+                wait.as_millis()
+                    .clamp(1, u128::from(u32::MAX))
+                    .to_string()
+                    .as_str()
+                    .into(),
+            );
+        let control = Topology::new(&self.exchange).control_exchange();
+        let published = self
+            .channel
+            .basic_publish(
+                control.as_str().into(),
+                "".into(),
+                BasicPublishOptions::default(),
+                b"status",
+                properties,
+            )
+            .await;
+        if let Err(error) = published {
+            self.forget(&correlation_id);
+            return Err(describe(&error, &control));
+        }
+        let mut nodes = Vec::new();
+        let deadline = tokio::time::Instant::now() + wait;
+        while let Ok(Some(reply)) = tokio::time::timeout_at(deadline, answers.recv()).await {
+            match serde_json::from_slice::<NodeStatus>(&reply.body) {
+                Ok(status) => nodes.push(status),
+                Err(error) => {
+                    tracing::warn!("ignoring an answer that is not a node status: {error}")
+                }
+            }
+        }
+        self.forget(&correlation_id);
+        if let Some(closed) = &self.pending.lock().expect("pending lock").closed {
+            return Err(closed.clone());
+        }
+        nodes.sort_by(|a, b| a.node.cmp(&b.node));
+        Ok(nodes)
+    }
+
+    fn wait_for(&self, correlation_id: &str, waiter: Waiter) -> Result<(), ClientError> {
+        let mut pending = self.pending.lock().expect("pending lock");
+        if let Some(closed) = &pending.closed {
+            return Err(closed.clone());
+        }
+        pending.waiting.insert(correlation_id.to_owned(), waiter);
+        Ok(())
+    }
+
     fn forget(&self, correlation_id: &str) {
         self.pending
             .lock()
@@ -209,21 +274,26 @@ fn route(pending: &Pending, delivery: lapin::message::Delivery) {
         tracing::debug!("ignoring a reply without correlation id");
         return;
     };
-    let Some(call) = pending
-        .lock()
-        .expect("pending lock")
-        .waiting
-        .remove(&correlation_id)
-    else {
-        tracing::debug!(%correlation_id, "ignoring a reply nobody waits for");
-        return;
-    };
-    let error = amqp::header_str(properties.headers().as_ref(), ERROR_HEADER).map(str::to_owned);
-    let _ = call.send(Ok(Reply {
-        correlation_id,
+    let headers = properties.headers().as_ref();
+    let reply = Reply {
+        error: amqp::header_str(headers, ERROR_HEADER).map(str::to_owned),
+        version: amqp::header_str(headers, VERSION_HEADER).map(str::to_owned),
+        correlation_id: correlation_id.clone(),
         body: delivery.data,
-        error,
-    }));
+    };
+    let mut pending = pending.lock().expect("pending lock");
+    match pending.waiting.remove(&correlation_id) {
+        Some(Waiter::One(call)) => {
+            let _ = call.send(Ok(reply));
+        }
+        Some(Waiter::Many(answers)) => {
+            let _ = answers.send(reply);
+            pending
+                .waiting
+                .insert(correlation_id, Waiter::Many(answers));
+        }
+        None => tracing::debug!(%correlation_id, "ignoring a reply nobody waits for"),
+    }
 }
 
 /// Turns a channel failure into what the caller should hear.

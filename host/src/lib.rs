@@ -18,4 +18,5 @@ pub mod runtime;
 pub mod shutdown;
 pub mod stats;
 pub mod units;
+pub mod watch;
 pub mod wire;

@@ -1,28 +1,30 @@
-//! The modules a node serves, by name.
+//! The modules a node serves, by name, and how they get there from files.
 //!
-//! Loading compiles each file once, off the async path; serving looks a module
-//! up and holds its `Arc` for the length of one request, so the set can change
-//! while requests run: a request keeps the version it started with.
+//! A request takes the `Arc` of its module when it arrives and holds it to
+//! the end, so the set can change under running requests: they finish on the
+//! version they started with, and new requests get the new one. Only the
+//! [`Loader`] changes the set.
 
-use std::collections::BTreeMap;
-use std::fmt::Write as _;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
 use anyhow::Context as _;
-use sha2::{Digest, Sha256};
 
 use crate::manifest::Manifest;
 use crate::names::ModuleName;
-use crate::runtime::{Limits, Module, Runtime};
+use crate::runtime::{Limits, Module, Runtime, Wasm};
+use crate::units::{Bytes, display_millis};
+use crate::watch::module_stem;
 
 /// A module ready to serve requests.
 pub struct LoadedModule {
     pub name: ModuleName,
     /// The compiled code and the limits its requests run within.
     pub module: Module,
-    /// The first 16 hex digits of the SHA-256 of the file: which build this is.
+    /// The first 16 hex digits of the SHA-256 of the file: which build this
+    /// is. Replies carry it.
     pub version: String,
     pub path: PathBuf,
 }
@@ -42,11 +44,20 @@ impl Registry {
         self.read().keys().cloned().collect()
     }
 
-    /// Adds a module, or replaces the one with the same name. Returns the
-    /// replaced one.
-    pub fn insert(&self, module: LoadedModule) -> Option<Arc<LoadedModule>> {
+    /// Every module, in name order.
+    pub fn all(&self) -> Vec<Arc<LoadedModule>> {
+        self.read().values().cloned().collect()
+    }
+
+    fn insert(&self, module: LoadedModule) -> (Arc<LoadedModule>, Option<Arc<LoadedModule>>) {
+        let module = Arc::new(module);
         let mut modules = self.modules.write().expect("registry lock");
-        modules.insert(module.name.clone(), Arc::new(module))
+        let replaced = modules.insert(module.name.clone(), module.clone());
+        (module, replaced)
+    }
+
+    fn remove(&self, name: &ModuleName) -> Option<Arc<LoadedModule>> {
+        self.modules.write().expect("registry lock").remove(name)
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<ModuleName, Arc<LoadedModule>>> {
@@ -54,92 +65,188 @@ impl Registry {
     }
 }
 
-/// Compiles every `*.wasm` file in `dir`, in name order, each with `limits`
-/// unless its manifest changes them. A file that cannot be served (bad name,
-/// bad manifest, not wasm, wrong world) is skipped with a warning so one bad
-/// file never keeps the others from serving; only an unreadable directory is
-/// an error.
-pub async fn load_dir(
-    runtime: &Runtime,
-    dir: &Path,
-    limits: &Limits,
-) -> anyhow::Result<Vec<LoadedModule>> {
-    let entries = std::fs::read_dir(dir)
-        .with_context(|| format!("failed to read the modules directory {}", dir.display()))?;
-    let mut paths: Vec<PathBuf> = entries
-        .filter_map(|entry| entry.ok().map(|entry| entry.path()))
-        .filter(|path| path.extension().is_some_and(|ext| ext == "wasm"))
-        .collect();
-    paths.sort();
+/// What looking at a module's files again changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Update {
+    /// A module that was not served is now.
+    Added(ModuleName),
+    /// A served module has a new version (or new limits).
+    Replaced(ModuleName),
+    /// A served module's file is gone.
+    Removed(ModuleName),
+}
 
-    let mut loaded = Vec::with_capacity(paths.len());
-    for path in paths {
-        match load_file(runtime, &path, limits).await {
-            Ok(module) => {
-                let limits = module.module.limits();
-                tracing::info!(
-                    module = %module.name,
-                    version = %module.version,
-                    path = %path.display(),
-                    time_limit = %crate::units::display_millis(limits.time),
-                    memory_limit = %crate::units::Bytes(limits.memory),
-                    "loaded module"
-                );
-                loaded.push(module);
-            }
-            Err(error) => tracing::warn!(path = %path.display(), "skipping module: {error:#}"),
+/// Brings the registry in line with the files of the modules directory.
+pub struct Loader {
+    runtime: Runtime,
+    dir: PathBuf,
+    limits: Limits,
+    registry: Arc<Registry>,
+}
+
+impl Loader {
+    /// A loader of the modules in `dir` into `registry`, each with `limits`
+    /// unless its manifest changes them.
+    pub fn new(runtime: Runtime, dir: &Path, limits: Limits, registry: Arc<Registry>) -> Loader {
+        Loader {
+            runtime,
+            dir: dir.to_owned(),
+            limits,
+            registry,
         }
     }
-    Ok(loaded)
-}
 
-/// Reads, hashes and compiles one module file, with the limits of its
-/// manifest if it has one and `limits` otherwise.
-pub async fn load_file(
-    runtime: &Runtime,
-    path: &Path,
-    limits: &Limits,
-) -> anyhow::Result<LoadedModule> {
-    let stem = path
-        .file_stem()
-        .and_then(|stem| stem.to_str())
-        .unwrap_or_default();
-    let name: ModuleName = stem.parse()?;
-    let limits = match Manifest::beside(path)? {
-        Some(manifest) => manifest.limits.apply_to(limits).map_err(|error| {
-            anyhow::anyhow!(
-                "invalid manifest {}: {error}",
-                path.with_extension("toml").display()
+    /// Loads every module in the directory, several at a time. A file that
+    /// cannot be served is skipped with a warning, so one bad file never
+    /// keeps the others from serving; only an unreadable directory is an
+    /// error.
+    pub async fn load_all(self: &Arc<Self>) -> anyhow::Result<()> {
+        let started = Instant::now();
+        let stems = self.stems_on_disk()?;
+        let mut loading = tokio::task::JoinSet::new();
+        let parallel = std::thread::available_parallelism().map_or(2, |n| n.get() * 2);
+        for stem in stems {
+            if loading.len() >= parallel {
+                loading.join_next().await;
+            }
+            let loader = self.clone();
+            loading.spawn(async move { loader.reconcile(&stem).await });
+        }
+        while loading.join_next().await.is_some() {}
+        tracing::info!(
+            modules = self.registry.names().len(),
+            elapsed_ms = started.elapsed().as_millis(),
+            "loaded the modules directory"
+        );
+        Ok(())
+    }
+
+    /// Looks at every module again: those on disk and those served.
+    pub async fn reconcile_all(&self) -> Vec<Update> {
+        let mut stems: BTreeSet<String> = match self.stems_on_disk() {
+            Ok(stems) => stems,
+            Err(error) => {
+                tracing::error!("{error:#}");
+                BTreeSet::new()
+            }
+        };
+        stems.extend(self.registry.names().iter().map(|name| name.to_string()));
+        let mut updates = Vec::new();
+        for stem in stems {
+            updates.extend(self.reconcile(&stem).await);
+        }
+        updates
+    }
+
+    /// Looks at the files of the module `stem` and updates the registry to
+    /// match: loads a new or changed module, drops one whose file is gone.
+    /// A file that cannot be served is refused with a warning; the version
+    /// already served, if any, keeps serving.
+    pub async fn reconcile(&self, stem: &str) -> Option<Update> {
+        let path = self.dir.join(format!("{stem}.wasm"));
+        let name = match stem.parse::<ModuleName>() {
+            Ok(name) => name,
+            Err(invalid) => {
+                if path.exists() {
+                    tracing::warn!(path = %path.display(), "refusing module: {invalid}");
+                }
+                return None;
+            }
+        };
+        let current = self.registry.get(&name);
+        if !path.exists() {
+            let removed = self.registry.remove(&name)?;
+            tracing::info!(module = %name, version = %removed.version, "module file removed: no longer serving it");
+            return Some(Update::Removed(name));
+        }
+        let started = Instant::now();
+        match self.load(&name, &path, current.as_deref()).await {
+            Ok(None) => None,
+            Ok(Some(module)) => {
+                let limits = module.module.limits().clone();
+                let from_cache = module.module.from_cache();
+                let (module, replaced) = self.registry.insert(module);
+                tracing::info!(
+                    module = %name,
+                    version = %module.version,
+                    replaced = replaced.as_ref().map(|old| tracing::field::display(&old.version)),
+                    from_cache,
+                    elapsed_ms = started.elapsed().as_millis(),
+                    time_limit = %display_millis(limits.time),
+                    memory_limit = %Bytes(limits.memory),
+                    "loaded module"
+                );
+                Some(match replaced {
+                    Some(_) => Update::Replaced(name),
+                    None => Update::Added(name),
+                })
+            }
+            Err(error) => {
+                match current {
+                    Some(current) => tracing::warn!(
+                        module = %name,
+                        path = %path.display(),
+                        "refusing the new version, version {} keeps serving: {error:#}",
+                        current.version
+                    ),
+                    None => tracing::warn!(path = %path.display(), "skipping module: {error:#}"),
+                }
+                None
+            }
+        }
+    }
+
+    /// Reads, hashes and compiles one module, with the limits of its manifest
+    /// if it has one. `None` if `current` is the very same build and limits.
+    async fn load(
+        &self,
+        name: &ModuleName,
+        path: &Path,
+        current: Option<&LoadedModule>,
+    ) -> anyhow::Result<Option<LoadedModule>> {
+        let limits = match Manifest::beside(path)? {
+            Some(manifest) => manifest.limits.apply_to(&self.limits).map_err(|error| {
+                anyhow::anyhow!(
+                    "invalid manifest {}: {error}",
+                    path.with_extension("toml").display()
+                )
+            })?,
+            None => self.limits.clone(),
+        };
+        let bytes = tokio::fs::read(path)
+            .await
+            .with_context(|| format!("failed to read {}", path.display()))?;
+        let wasm = Wasm::new(bytes);
+        if let Some(current) = current
+            && current.module.digest() == wasm.digest()
+            && *current.module.limits() == limits
+        {
+            return Ok(None);
+        }
+        let runtime = self.runtime.clone();
+        let module = tokio::task::spawn_blocking(move || runtime.compile(&wasm, &limits))
+            .await
+            .context("the compiler thread panicked")?
+            .with_context(|| format!("module {name} cannot be served"))?;
+        Ok(Some(LoadedModule {
+            name: name.clone(),
+            version: module.digest()[..16].to_owned(),
+            module,
+            path: path.to_owned(),
+        }))
+    }
+
+    fn stems_on_disk(&self) -> anyhow::Result<BTreeSet<String>> {
+        let entries = std::fs::read_dir(&self.dir).with_context(|| {
+            format!(
+                "failed to read the modules directory {}",
+                self.dir.display()
             )
-        })?,
-        None => limits.clone(),
-    };
-    let wasm = tokio::fs::read(path)
-        .await
-        .with_context(|| format!("failed to read {}", path.display()))?;
-    let version = version_of(&wasm);
-    let runtime = runtime.clone();
-    let started = Instant::now();
-    let module = tokio::task::spawn_blocking(move || runtime.compile(&wasm, &limits))
-        .await
-        .context("the compiler thread panicked")?
-        .with_context(|| format!("module {name} cannot be served"))?;
-    tracing::debug!(module = %name, elapsed_ms = started.elapsed().as_millis(), "compiled module");
-    Ok(LoadedModule {
-        name,
-        module,
-        version,
-        path: path.to_owned(),
-    })
-}
-
-/// The content hash that identifies one build of a module.
-pub fn version_of(wasm: &[u8]) -> String {
-    let digest = Sha256::digest(wasm);
-    digest[..8]
-        .iter()
-        .fold(String::with_capacity(16), |mut hex, byte| {
-            let _ = write!(hex, "{byte:02x}");
-            hex
-        })
+        })?;
+        Ok(entries
+            .filter_map(|entry| entry.ok())
+            .filter(|entry| entry.path().extension().is_some_and(|ext| ext == "wasm"))
+            .filter_map(|entry| module_stem(&entry.path()))
+            .collect())
+    }
 }

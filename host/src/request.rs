@@ -17,28 +17,54 @@ use tracing::Instrument as _;
 
 use crate::amqp::header_u64;
 use crate::names::ModuleName;
-use crate::node::{Shared, Source};
+use crate::node::Shared;
+use crate::registry::LoadedModule;
 use crate::wire::{
-    DEADLINE_HEADER, DELIVERY_COUNT_HEADER, ERROR_HEADER, ErrorKind, TIMEOUT_HEADER,
+    DEADLINE_HEADER, DELIVERY_COUNT_HEADER, ERROR_HEADER, ErrorKind, TIMEOUT_HEADER, VERSION_HEADER,
 };
 
 /// What goes back to the caller.
-struct Reply {
+pub(crate) struct Reply {
     body: Vec<u8>,
     error: Option<ErrorKind>,
+    /// The version of the module that produced it, if one did.
+    version: Option<String>,
+    content_type: Option<&'static str>,
 }
 
 impl Reply {
     fn ok(body: Vec<u8>) -> Self {
-        Reply { body, error: None }
+        Reply {
+            body,
+            error: None,
+            version: None,
+            content_type: None,
+        }
     }
 
     fn error(kind: ErrorKind, message: impl Into<String>) -> Self {
         Reply {
             body: message.into().into_bytes(),
             error: Some(kind),
+            version: None,
+            content_type: Some("text/plain; charset=utf-8"),
         }
     }
+
+    pub(crate) fn json(body: Vec<u8>) -> Self {
+        Reply {
+            content_type: Some("application/json"),
+            ..Reply::ok(body)
+        }
+    }
+}
+
+/// What a delivery is for.
+pub(crate) enum Target {
+    /// A module, in the version served when the request arrived.
+    Module(Arc<LoadedModule>),
+    /// No module queue took it: it came through the alternate exchange.
+    Unrouted,
 }
 
 /// What happens to the delivery once its reply is out.
@@ -49,7 +75,7 @@ enum Settle {
     DeadLetter,
 }
 
-pub(crate) async fn handle(shared: Arc<Shared>, source: Source, delivery: Delivery) {
+pub(crate) async fn handle(shared: Arc<Shared>, target: Target, delivery: Delivery) {
     let correlation_id = delivery
         .properties
         .correlation_id()
@@ -57,12 +83,12 @@ pub(crate) async fn handle(shared: Arc<Shared>, source: Source, delivery: Delive
         .map_or("", ShortString::as_str)
         .to_owned();
     let span = tracing::info_span!("request", module = %delivery.routing_key, %correlation_id);
-    handle_in_span(shared, source, delivery)
+    handle_in_span(shared, target, delivery)
         .instrument(span)
         .await;
 }
 
-async fn handle_in_span(shared: Arc<Shared>, source: Source, delivery: Delivery) {
+async fn handle_in_span(shared: Arc<Shared>, target: Target, delivery: Delivery) {
     let received = Instant::now();
     let Some(reply_to) = delivery.properties.reply_to().clone() else {
         tracing::warn!("dropping request without reply_to: there is nobody to answer");
@@ -70,13 +96,13 @@ async fn handle_in_span(shared: Arc<Shared>, source: Source, delivery: Delivery)
         return;
     };
 
-    let (reply, settle) = match source {
-        Source::Unrouted => (unrouted(delivery.routing_key.as_str()), Settle::Ack),
-        Source::Module(name) => match poison_check(&shared, &name, &delivery) {
+    let (reply, settle) = match target {
+        Target::Unrouted => (unrouted(delivery.routing_key.as_str()), Settle::Ack),
+        Target::Module(module) => match poison_check(&shared, &module.name, &delivery) {
             Some(reply) => (reply, Settle::DeadLetter),
             None => match caller_deadline(delivery.properties.headers().as_ref(), received) {
                 Err(message) => (
-                    Reply::error(ErrorKind::BadRequest, format!("{name}: {message}")),
+                    Reply::error(ErrorKind::BadRequest, format!("{}: {message}", module.name)),
                     Settle::Ack,
                 ),
                 Ok(deadline) => {
@@ -90,10 +116,11 @@ async fn handle_in_span(shared: Arc<Shared>, source: Source, delivery: Delivery)
                             return;
                         }
                     };
-                    tracing::debug!(redelivered = delivery.redelivered, "running");
+                    tracing::debug!(redelivered = delivery.redelivered, version = %module.version, "running");
                     let running = shared.stats.run();
-                    let reply = run(&shared, &name, &delivery.data, deadline).await;
+                    let reply = run(&module, &delivery.data, deadline).await;
                     drop((running, permit));
+                    shared.stats.record(&module.name, reply.error.is_some());
                     (reply, Settle::Ack)
                 }
             },
@@ -110,7 +137,8 @@ async fn handle_in_span(shared: Arc<Shared>, source: Source, delivery: Delivery)
             "failed"
         ),
     }
-    if !publish(&shared, &delivery, reply_to.as_str(), reply).await {
+    let correlation_id = delivery.properties.correlation_id().as_ref();
+    if !publish(&shared, correlation_id, reply_to.as_str(), reply).await {
         nack(&delivery, true).await;
     } else if settle == Settle::DeadLetter {
         nack(&delivery, false).await;
@@ -119,17 +147,34 @@ async fn handle_in_span(shared: Arc<Shared>, source: Source, delivery: Delivery)
     }
 }
 
-async fn run(shared: &Shared, name: &ModuleName, input: &[u8], deadline: Option<Instant>) -> Reply {
-    let Some(module) = shared.registry.get(name) else {
-        return Reply::error(
-            ErrorKind::NotFound,
-            format!("this node no longer serves module {:?}", name.as_str()),
-        );
-    };
-    match module.module.call(input, deadline).await {
+async fn run(module: &LoadedModule, input: &[u8], deadline: Option<Instant>) -> Reply {
+    let reply = match module.module.call(input, deadline).await {
         Ok(output) => Reply::ok(output),
-        Err(error) => Reply::error(ErrorKind::from(&error), format!("{name}: {error}")),
+        Err(error) => Reply::error(ErrorKind::from(&error), format!("{}: {error}", module.name)),
+    };
+    Reply {
+        version: Some(module.version.clone()),
+        ..reply
     }
+}
+
+/// Answers `not_found` to a request left in the queue of a module no node
+/// serves any more (see `node::subscriptions::retire`), and acks it.
+pub(crate) async fn answer_unserved(shared: &Shared, delivery: &Delivery, name: &ModuleName) {
+    if let Some(reply_to) = delivery.properties.reply_to() {
+        let reply = Reply::error(
+            ErrorKind::NotFound,
+            format!("no node serves module {:?} any more", name.as_str()),
+        );
+        publish(
+            shared,
+            delivery.properties.correlation_id().as_ref(),
+            reply_to.as_str(),
+            reply,
+        )
+        .await;
+    }
+    ack(delivery).await;
 }
 
 /// A request that nodes have taken `delivery_limit` times without ever
@@ -204,22 +249,36 @@ fn unrouted(routing_key: &str) -> Reply {
     }
 }
 
-/// Publishes the reply and waits for the broker to take it. Returns whether
+/// Publishes a reply and waits for the broker to take it. Returns whether
 /// it did; the caller settles the request only then.
-async fn publish(shared: &Shared, delivery: &Delivery, reply_to: &str, reply: Reply) -> bool {
+pub(crate) async fn publish(
+    shared: &Shared,
+    correlation_id: Option<&ShortString>,
+    reply_to: &str,
+    reply: Reply,
+) -> bool {
     let mut properties = BasicProperties::default();
-    if let Some(correlation_id) = delivery.properties.correlation_id() {
+    if let Some(correlation_id) = correlation_id {
         properties = properties.with_correlation_id(correlation_id.clone());
     }
+    let mut headers = FieldTable::default();
     if let Some(kind) = reply.error {
-        let mut headers = FieldTable::default();
         headers.insert(
             ERROR_HEADER.into(),
             AMQPValue::LongString(LongString::from(kind.as_str())),
         );
-        properties = properties
-            .with_headers(headers)
-            .with_content_type("text/plain; charset=utf-8".into());
+    }
+    if let Some(version) = &reply.version {
+        headers.insert(
+            VERSION_HEADER.into(),
+            AMQPValue::LongString(LongString::from(version.as_str())),
+        );
+    }
+    if !headers.inner().is_empty() {
+        properties = properties.with_headers(headers);
+    }
+    if let Some(content_type) = reply.content_type {
+        properties = properties.with_content_type(content_type.into());
     }
     let confirm = shared
         .replies
@@ -238,11 +297,11 @@ async fn publish(shared: &Shared, delivery: &Delivery, reply_to: &str, reply: Re
     match confirmation {
         Ok(confirmation) if confirmation.is_ack() => true,
         Ok(_) => {
-            tracing::error!(%reply_to, "the broker refused the reply; returning the request to its queue");
+            tracing::error!(%reply_to, "the broker refused the reply");
             false
         }
         Err(error) => {
-            tracing::error!(%reply_to, "failed to publish the reply; returning the request to its queue: {error}");
+            tracing::error!(%reply_to, "failed to publish the reply: {error}");
             false
         }
     }

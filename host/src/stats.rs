@@ -1,18 +1,38 @@
-//! What a node is doing: how many requests are running wasm right now.
-//! Watchable, so that whoever needs to know (tests, and soon the fleet view)
-//! can await a change instead of polling.
+//! What a node is doing and has done: requests running now (watchable, so
+//! tests can await a change instead of polling) and calls answered per
+//! module, for the fleet view.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::Instant;
 
 use tokio::sync::watch;
 
+use crate::names::ModuleName;
+
 #[derive(Debug)]
 pub struct Stats {
+    started: Instant,
     running: watch::Sender<usize>,
+    calls: Mutex<BTreeMap<ModuleName, Calls>>,
+}
+
+/// Calls a module answered on this node since it started, whatever version
+/// was serving.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Calls {
+    /// Every call that reached the module and was answered.
+    pub answered: u64,
+    /// Of those, the ones answered with an error.
+    pub failed: u64,
 }
 
 impl Default for Stats {
     fn default() -> Self {
         Stats {
+            started: Instant::now(),
             running: watch::Sender::new(0),
+            calls: Mutex::default(),
         }
     }
 }
@@ -27,6 +47,26 @@ impl Stats {
     /// The number of requests running wasm, kept up to date.
     pub fn running(&self) -> watch::Receiver<usize> {
         self.running.subscribe()
+    }
+
+    pub(crate) fn record(&self, module: &ModuleName, failed: bool) {
+        let mut calls = self.calls.lock().expect("stats lock");
+        let calls = calls.entry(module.clone()).or_default();
+        calls.answered += 1;
+        calls.failed += u64::from(failed);
+    }
+
+    pub fn calls(&self, module: &ModuleName) -> Calls {
+        self.calls
+            .lock()
+            .expect("stats lock")
+            .get(module)
+            .copied()
+            .unwrap_or_default()
+    }
+
+    pub fn uptime(&self) -> std::time::Duration {
+        self.started.elapsed()
     }
 }
 

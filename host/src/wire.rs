@@ -14,6 +14,8 @@
 
 use std::fmt;
 
+use serde::{Deserialize, Serialize};
+
 use crate::names::ModuleName;
 use crate::runtime::CallError;
 
@@ -22,6 +24,10 @@ pub const DEFAULT_EXCHANGE: &str = "wasmrpc";
 
 /// The header that marks a reply as an error and names its kind.
 pub const ERROR_HEADER: &str = "x-error";
+
+/// The header of every reply a module produced: the version (content hash)
+/// of the module that did.
+pub const VERSION_HEADER: &str = "x-module-version";
 
 /// A request header: the most milliseconds the caller will wait, counted
 /// from when a node takes the request. Can only shorten the module's limit.
@@ -79,11 +85,45 @@ impl Topology {
         format!("{}.dead", self.exchange)
     }
 
+    /// The fanout exchange every node listens on for fleet questions
+    /// (`wasmrpc ping`, `wasmrpc modules`); each node binds a queue of its own.
+    pub fn control_exchange(&self) -> String {
+        format!("{}.control", self.exchange)
+    }
+
     /// The queue that holds requests for one module. Module names contain no
     /// dot, so these never collide with the names above.
     pub fn module_queue(&self, module: &ModuleName) -> String {
         format!("{}.module.{module}", self.exchange)
     }
+}
+
+/// What a node answers on the control exchange, as JSON.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    /// The node's id, random at each start.
+    pub node: String,
+    pub host: String,
+    /// The wasmrpc version the node runs.
+    pub version: String,
+    pub uptime_ms: u64,
+    /// Requests it runs at once, at most.
+    pub concurrency: u32,
+    /// Requests running now.
+    pub running: usize,
+    pub modules: Vec<ModuleStatus>,
+}
+
+/// One module a node serves.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModuleStatus {
+    pub name: String,
+    /// The version replies carry in [`VERSION_HEADER`].
+    pub version: String,
+    /// Calls it answered on this node since the node started.
+    pub calls: u64,
+    /// Of those, the ones answered with an error.
+    pub failed: u64,
 }
 
 /// The kinds of failure a reply can report, as named by [`ERROR_HEADER`].

@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use wasmrpc::runtime::{Limits, Module, Runtime, RuntimeConfig};
+use wasmrpc::runtime::{Limits, Module, Runtime, RuntimeConfig, Wasm};
 
 use crate::support::guests;
 
@@ -15,11 +15,15 @@ async fn answers(module: &Module, input: &[u8]) -> Result<Vec<u8>, String> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_bundled_fib_answers_like_a_fresh_build() {
-    let runtime = Runtime::new(&RuntimeConfig { max_concurrent: 2 }).unwrap();
+    let runtime = Runtime::new(&RuntimeConfig {
+        max_concurrent: 2,
+        cache_dir: None,
+    })
+    .unwrap();
     let compile = |path: &Path| {
         let wasm = std::fs::read(path)
             .unwrap_or_else(|error| panic!("cannot read {}: {error}", path.display()));
-        runtime.compile(&wasm, &Limits::DEFAULT).unwrap()
+        runtime.compile(&Wasm::new(wasm), &Limits::DEFAULT).unwrap()
     };
     let bundled = compile(&guests::repo().join("modules/fib.wasm"));
     let fresh = compile(&guests::wasm("fib"));

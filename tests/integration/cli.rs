@@ -145,3 +145,104 @@ async fn help_documents_the_exit_codes() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ping_and_modules_list_the_live_nodes_and_what_they_serve() {
+    use wasmrpc::wire::NodeStatus;
+
+    let exchange = unique("fleet");
+    let on =
+        |exchange: String| move |config: &mut wasmrpc::node::NodeConfig| config.exchange = exchange;
+    let first = TestNode::setup(&["fib"])
+        .config(on(exchange.clone()))
+        .start()
+        .await;
+    let mut second = TestNode::setup(&["fib", "spin"])
+        .config(on(exchange.clone()))
+        .start()
+        .await;
+    for n in ["1", "2", "3"] {
+        assert_eq!(first.call("fib", n).await.error, None);
+    }
+
+    let output = run(wasmrpc(&exchange, &["ping", "--wait", "500ms"])).await;
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "stderr: {}",
+        text(&output.stderr)
+    );
+    let listing = text(&output.stdout);
+    assert!(listing.starts_with("NODE "), "{listing}");
+    assert!(
+        listing.contains(&first.id) && listing.contains(&second.id),
+        "{listing}"
+    );
+
+    let output = run(wasmrpc(
+        &exchange,
+        &["modules", "--json", "--wait", "500ms"],
+    ))
+    .await;
+    assert_eq!(output.status.code(), Some(0));
+    let nodes: Vec<NodeStatus> = serde_json::from_slice(&output.stdout).unwrap();
+    let mut ids: Vec<&str> = nodes.iter().map(|node| node.node.as_str()).collect();
+    ids.sort();
+    let mut expected = vec![first.id.as_str(), second.id.as_str()];
+    expected.sort();
+    assert_eq!(ids, expected);
+    let version = |module: &str| {
+        let wasm = std::fs::read(crate::support::guests::wasm(module)).unwrap();
+        wasmrpc::runtime::Wasm::new(wasm).digest()[..16].to_owned()
+    };
+    let mut fib_calls = 0;
+    for node in &nodes {
+        let served: Vec<(&str, &str)> = node
+            .modules
+            .iter()
+            .map(|m| (m.name.as_str(), m.version.as_str()))
+            .collect();
+        let fib = version("fib");
+        let spin = version("spin");
+        if node.node == first.id {
+            assert_eq!(served, [("fib", fib.as_str())]);
+        } else {
+            assert_eq!(served, [("fib", fib.as_str()), ("spin", spin.as_str())]);
+        }
+        fib_calls += node.modules[0].calls;
+        assert!(node.uptime_ms < 60_000 && !node.host.is_empty());
+    }
+    assert_eq!(
+        fib_calls, 3,
+        "the three calls are counted once, on the node that answered"
+    );
+
+    let output = run(wasmrpc(&exchange, &["modules", "--wait", "500ms"])).await;
+    assert!(
+        text(&output.stdout).contains("spin"),
+        "{}",
+        text(&output.stdout)
+    );
+
+    // A node that is gone does not answer.
+    second.stop().await.unwrap();
+    let output = run(wasmrpc(&exchange, &["ping", "--wait", "500ms"])).await;
+    let listing = text(&output.stdout);
+    assert!(
+        listing.contains(&first.id) && !listing.contains(&second.id),
+        "{listing}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ping_with_no_live_node_says_so_and_exits_3() {
+    let mut node = TestNode::start(&["fib"]).await;
+    node.stop().await.unwrap();
+    let output = run(wasmrpc(node.exchange(), &["ping", "--wait", "300ms"])).await;
+    assert_eq!(output.status.code(), Some(3));
+    assert!(
+        text(&output.stderr).starts_with("no node answered within 0.3 s"),
+        "{}",
+        text(&output.stderr)
+    );
+}

@@ -7,12 +7,14 @@
 mod support;
 
 mod bundled;
+mod cache;
 mod cli;
 mod contract;
 mod fib;
 mod fuzz;
 mod hostile;
 mod limits;
+mod live;
 mod modules;
 mod poison;
 mod process;

@@ -10,10 +10,14 @@
 //! pre-linked [`bindings::ModulePre`] and costs tens of microseconds before
 //! the guest runs.
 
+mod cache;
 mod limits;
 mod sandbox;
 
 use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::hash::{Hash as _, Hasher as _};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -25,6 +29,10 @@ use wasmtime::{
     UpdateDeadline,
 };
 
+use sha2::{Digest as _, Sha256};
+
+use self::cache::ArtifactCache;
+pub use self::cache::KEY_FILE as CACHE_KEY_FILE;
 pub use self::limits::Limits;
 use self::sandbox::{DeadlineExceeded, MemoryLimitExceeded, Sandbox};
 use crate::units::{Bytes, display_millis};
@@ -47,6 +55,8 @@ pub struct RuntimeConfig {
     /// The most requests that run at once. The instance pool is sized to it
     /// and callers must not exceed it (the node holds a semaphore of this size).
     pub max_concurrent: u32,
+    /// Where compiled modules are kept between runs; `None` compiles every time.
+    pub cache_dir: Option<PathBuf>,
 }
 
 /// Compiles modules; clone-cheap, build one per process.
@@ -58,6 +68,7 @@ pub struct RuntimeConfig {
 pub struct Runtime {
     slots: u32,
     engines: Arc<Mutex<BTreeMap<usize, Flavor>>>,
+    cache: Option<Arc<ArtifactCache>>,
 }
 
 /// An engine, and the linker that offers guests WASI, for one stack size.
@@ -65,13 +76,21 @@ pub struct Runtime {
 struct Flavor {
     engine: Engine,
     linker: Arc<Linker<Sandbox>>,
+    /// Names what this engine compiles to, for the cache: wasmtime's
+    /// version, the target and every setting that shapes code.
+    fingerprint: String,
 }
 
 impl Runtime {
     pub fn new(config: &RuntimeConfig) -> anyhow::Result<Self> {
+        let cache = match &config.cache_dir {
+            Some(dir) => Some(Arc::new(ArtifactCache::open(dir)?)),
+            None => None,
+        };
         let runtime = Runtime {
             slots: config.max_concurrent.max(1),
             engines: Arc::default(),
+            cache,
         };
         // Fail now, not at the first module, if the engine cannot be built.
         runtime.flavor(Limits::DEFAULT.stack)?;
@@ -79,15 +98,54 @@ impl Runtime {
     }
 
     /// Compiles and links a component that implements the `module` world,
-    /// to run within `limits`.
+    /// to run within `limits`, or loads what this node compiled from it
+    /// before.
     ///
     /// Fails if the bytes are not a component, or if it does not export
     /// `call` with the world's signature, or if it imports anything but
-    /// WASI 0.2. Slow: run it on a blocking thread.
-    pub fn compile(&self, wasm: &[u8], limits: &Limits) -> anyhow::Result<Module> {
+    /// WASI 0.2. Slow unless cached: run it on a blocking thread.
+    pub fn compile(&self, wasm: &Wasm, limits: &Limits) -> anyhow::Result<Module> {
         limits.validate().map_err(anyhow::Error::msg)?;
-        let Flavor { engine, linker } = self.flavor(limits.stack)?;
-        let component = Component::new(&engine, wasm).context("not a valid wasm component")?;
+        let Flavor {
+            engine,
+            linker,
+            fingerprint,
+        } = self.flavor(limits.stack)?;
+        let entry = format!("{}-{fingerprint}", wasm.digest());
+        let cached = self
+            .cache
+            .as_ref()
+            .and_then(|cache| cache.load(&entry))
+            .and_then(|artifact| {
+                // SAFETY: the cache hands back only artifacts whose tag proves this
+                // node's key compiled them, from these very bytes, for this engine.
+                unsafe { Component::deserialize(&engine, artifact) }
+                    .inspect_err(|error| {
+                        tracing::warn!("ignoring an unusable cached artifact: {error}")
+                    })
+                    .ok()
+            });
+        let from_cache = cached.is_some();
+        // wasmtime would also read the text format: insist on a binary.
+        if !from_cache && !wasm.bytes.starts_with(b"\0asm") {
+            anyhow::bail!("not a wasm binary (it does not start with \\0asm)");
+        }
+        let component = match cached {
+            Some(component) => component,
+            None => {
+                let component =
+                    Component::new(&engine, &wasm.bytes).context("not a valid wasm component")?;
+                if let Some(cache) = &self.cache {
+                    match component.serialize() {
+                        Ok(artifact) => cache.store(&entry, &artifact),
+                        Err(error) => {
+                            tracing::warn!("failed to serialize a compiled module: {error}")
+                        }
+                    }
+                }
+                component
+            }
+        };
         let imports_wasi = component.component_type().imports(&engine).next().is_some();
         let pre = linker
             .instantiate_pre(&component)
@@ -99,6 +157,8 @@ impl Runtime {
             imports_wasi,
             engine,
             limits: limits.clone(),
+            digest: wasm.digest(),
+            from_cache,
         })
     }
 
@@ -112,9 +172,12 @@ impl Runtime {
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)
             .context("failed to link the WASI sandbox")?;
+        let mut hasher = std::hash::DefaultHasher::new();
+        engine.precompile_compatibility_hash().hash(&mut hasher);
         let flavor = Flavor {
             engine,
             linker: Arc::new(linker),
+            fingerprint: format!("{:016x}", hasher.finish()),
         };
         engines.insert(stack, flavor.clone());
         Ok(flavor)
@@ -170,6 +233,36 @@ pub struct Module {
     imports_wasi: bool,
     engine: Engine,
     limits: Limits,
+    digest: String,
+    from_cache: bool,
+}
+
+/// A module's bytes and their SHA-256, which names this build of it.
+pub struct Wasm {
+    bytes: Vec<u8>,
+    digest: [u8; 32],
+}
+
+impl Wasm {
+    pub fn new(bytes: Vec<u8>) -> Wasm {
+        let digest = Sha256::digest(&bytes).into();
+        Wasm { bytes, digest }
+    }
+
+    /// The SHA-256 of the bytes, in hex.
+    pub fn digest(&self) -> String {
+        hex(&self.digest)
+    }
+}
+
+/// Lowercase hex, two digits a byte.
+fn hex(bytes: &[u8]) -> String {
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut hex, byte| {
+            let _ = write!(hex, "{byte:02x}");
+            hex
+        })
 }
 
 /// Why a call produced no output. Every variant is an answer for the caller,
@@ -204,6 +297,16 @@ pub enum CallError {
 impl Module {
     pub fn limits(&self) -> &Limits {
         &self.limits
+    }
+
+    /// The SHA-256 of the module's bytes, in hex: which build this is.
+    pub fn digest(&self) -> &str {
+        &self.digest
+    }
+
+    /// Whether the code came from the artifact cache rather than the compiler.
+    pub fn from_cache(&self) -> bool {
+        self.from_cache
     }
 
     /// Runs one request in a fresh instance, within the module's limits and

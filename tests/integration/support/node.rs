@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 use wasmrpc::client::{Client, Reply};
 use wasmrpc::names::ModuleName;
 use wasmrpc::node::{Node, NodeConfig};
+use wasmrpc::registry::Registry;
 use wasmrpc::stats::Stats;
 use wasmrpc::wire::Topology;
 
@@ -21,7 +22,10 @@ pub const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct TestNode {
     pub topology: Topology,
     /// Deleted when the node is dropped.
-    _modules_dir: TempDir,
+    modules_dir: TempDir,
+    /// The node's modules, live.
+    pub registry: Arc<Registry>,
+    pub id: String,
     modules: Vec<ModuleName>,
     pub stats: Arc<Stats>,
     stop: CancellationToken,
@@ -89,11 +93,15 @@ impl Setup {
         let node = Node::start(config).await?;
         let modules = node.modules();
         let stats = node.stats();
+        let registry = node.registry();
+        let id = node.id().to_owned();
         let stop = CancellationToken::new();
         let serving = tokio::spawn(node.serve(stop.clone().cancelled_owned()));
         Ok(TestNode {
             topology,
-            _modules_dir: modules_dir,
+            modules_dir,
+            registry,
+            id,
             modules,
             stats,
             stop,
@@ -130,7 +138,12 @@ impl TestNode {
             .unwrap();
     }
 
-    /// The modules the node loaded.
+    /// The directory the node serves; files dropped here are served.
+    pub fn modules_path(&self) -> &std::path::Path {
+        self.modules_dir.path()
+    }
+
+    /// The modules the node loaded at start.
     pub fn modules(&self) -> &[ModuleName] {
         &self.modules
     }
@@ -168,6 +181,12 @@ impl Drop for TestNode {
     /// Stops the node if the test did not; `cleanup` then deletes its topology.
     fn drop(&mut self) {
         self.stop.cancel();
+        // Modules added while it ran have queues too.
+        for name in self.registry.names() {
+            if !self._cleanup.modules.contains(&name) {
+                self._cleanup.modules.push(name);
+            }
+        }
     }
 }
 
@@ -222,6 +241,7 @@ async fn delete_topology(topology: &Topology, modules: &[ModuleName]) {
         topology.exchange().to_owned(),
         topology.unrouted_exchange(),
         topology.dead_exchange(),
+        topology.control_exchange(),
     ];
     for exchange in exchanges {
         let _ = channel

@@ -1,0 +1,269 @@
+//! One subscription per served module, following the registry as modules
+//! come and go, and the retirement of a module's queue when the last node
+//! stops serving it.
+//!
+//! A module's subscription is `Active`, then `Cancelling` once its file is
+//! gone: the broker stops sending, the deliveries already here are handled,
+//! and the stream ends. If the file came back meanwhile the node subscribes
+//! again; if not, and no other node consumes the queue, the queue goes.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use lapin::options::{
+    BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, QueueBindOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection};
+use tokio_stream::StreamExt as _;
+
+use super::{Deliveries, Shared};
+use crate::amqp;
+use crate::names::ModuleName;
+use crate::request;
+use crate::wire::Topology;
+
+enum State {
+    Active { tag: String },
+    Cancelling { come_back: bool },
+}
+
+/// What to do once a module's subscription has ended.
+pub(super) enum Ended {
+    Resubscribed(Deliveries),
+    /// Nobody here serves it any more: see [`retire`].
+    Retire,
+}
+
+pub(super) struct Subscriptions {
+    node: String,
+    topology: Topology,
+    delivery_limit: u32,
+    /// Consumer tags must be unique on a channel, also across resubscriptions.
+    next_tag: u64,
+    modules: HashMap<ModuleName, State>,
+    /// The unrouted and control subscriptions.
+    others: Vec<String>,
+}
+
+impl Subscriptions {
+    pub fn new(node: &str, topology: Topology, delivery_limit: u32) -> Self {
+        Subscriptions {
+            node: node.to_owned(),
+            topology,
+            delivery_limit,
+            next_tag: 0,
+            modules: HashMap::new(),
+            others: Vec::new(),
+        }
+    }
+
+    /// Consumes a queue that is not a module's (unrouted, control).
+    pub async fn consume(
+        &mut self,
+        channel: &Channel,
+        queue: &str,
+        label: &str,
+        no_ack: bool,
+    ) -> anyhow::Result<Deliveries> {
+        let tag = self.tag(label);
+        let deliveries = start_consuming(channel, queue, &tag, no_ack).await?;
+        self.others.push(tag);
+        Ok(deliveries)
+    }
+
+    /// Declares the module's queue and consumes it.
+    pub async fn subscribe(
+        &mut self,
+        connection: &Connection,
+        consume: &Channel,
+        name: &ModuleName,
+    ) -> anyhow::Result<Deliveries> {
+        // Declared on a channel of its own: the broker closes the channel of a
+        // declaration it refuses, and that must not be the consuming one.
+        let declare = connection
+            .create_channel()
+            .await
+            .context("failed to open a channel")?;
+        let queue =
+            amqp::declare_module_queue(&declare, &self.topology, name, self.delivery_limit).await;
+        let _ = declare.close(200, "declared".into()).await;
+        let tag = self.tag(name.as_str());
+        let deliveries = start_consuming(consume, &queue?, &tag, false).await?;
+        self.modules.insert(name.clone(), State::Active { tag });
+        Ok(deliveries)
+    }
+
+    /// The module is (again) in the registry. Returns a new subscription, or
+    /// `None` if it has one or will get one when its cancelled one ends.
+    pub async fn added(
+        &mut self,
+        connection: &Connection,
+        consume: &Channel,
+        name: &ModuleName,
+    ) -> anyhow::Result<Option<Deliveries>> {
+        match self.modules.get_mut(name) {
+            None => self.subscribe(connection, consume, name).await.map(Some),
+            Some(State::Active { .. }) => Ok(None),
+            Some(State::Cancelling { come_back }) => {
+                *come_back = true;
+                Ok(None)
+            }
+        }
+    }
+
+    /// The module left the registry: stop the broker sending its requests.
+    pub async fn removed(&mut self, consume: &Channel, name: &ModuleName) {
+        if let Some(State::Active { tag }) = self.modules.get(name) {
+            if let Err(error) = consume
+                .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+                .await
+            {
+                tracing::warn!(module = %name, "failed to cancel the subscription: {error}");
+            }
+            self.modules
+                .insert(name.clone(), State::Cancelling { come_back: false });
+        }
+    }
+
+    /// The module's subscription has ended.
+    pub async fn ended(
+        &mut self,
+        connection: &Connection,
+        consume: &Channel,
+        name: &ModuleName,
+    ) -> anyhow::Result<Ended> {
+        match self.modules.remove(name) {
+            Some(State::Cancelling { come_back: false }) | None => Ok(Ended::Retire),
+            Some(State::Cancelling { come_back: true }) => Ok(Ended::Resubscribed(
+                self.subscribe(connection, consume, name).await?,
+            )),
+            Some(State::Active { .. }) => {
+                // Not ours: the broker cancelled it, as it does when the queue
+                // is deleted. The module is still served here: declare it again.
+                tracing::warn!(module = %name, "the broker cancelled the module's subscription; subscribing again");
+                Ok(Ended::Resubscribed(
+                    self.subscribe(connection, consume, name).await?,
+                ))
+            }
+        }
+    }
+
+    /// Cancels every subscription, for shutdown.
+    pub async fn cancel_all(&mut self, consume: &Channel) {
+        let modules = self.modules.drain().filter_map(|(_, state)| match state {
+            State::Active { tag } => Some(tag),
+            State::Cancelling { .. } => None,
+        });
+        for tag in modules.chain(self.others.drain(..)).collect::<Vec<_>>() {
+            if let Err(error) = consume
+                .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+                .await
+            {
+                tracing::debug!(%tag, "failed to cancel the subscription: {error}");
+            }
+        }
+    }
+
+    fn tag(&mut self, label: &str) -> String {
+        self.next_tag += 1;
+        format!("{}/{label}/{}", self.node, self.next_tag)
+    }
+}
+
+async fn start_consuming(
+    channel: &Channel,
+    queue: &str,
+    tag: &str,
+    no_ack: bool,
+) -> anyhow::Result<Deliveries> {
+    let options = BasicConsumeOptions {
+        no_ack,
+        ..BasicConsumeOptions::default()
+    };
+    let consumer = channel
+        .basic_consume(queue.into(), tag.into(), options, FieldTable::default())
+        .await
+        .with_context(|| format!("failed to consume queue {queue:?}"))?;
+    Ok(Box::pin(consumer.map(Some).chain(tokio_stream::once(None))))
+}
+
+/// The last node out turns off the lights: if no node consumes the module's
+/// queue any more, it unbinds the queue (so new requests for the module are
+/// answered `not_found` at once, through the alternate exchange), answers
+/// `not_found` to the requests still waiting in it, and deletes it. If another
+/// node subscribes meanwhile, it puts the binding back and leaves the queue.
+/// Requests this node still runs are answered: they were delivered already.
+pub(super) async fn retire(connection: Arc<Connection>, shared: Arc<Shared>, name: ModuleName) {
+    let topology = &shared.topology;
+    let queue = topology.module_queue(&name);
+    let binding = |channel: Channel| {
+        let (queue, exchange) = (queue.clone(), topology.exchange().to_owned());
+        let key = name.to_string();
+        async move {
+            let bound = channel
+                .queue_bind(
+                    queue.as_str().into(),
+                    exchange.as_str().into(),
+                    key.as_str().into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await;
+            if let Err(error) = bound {
+                tracing::warn!(%queue, "failed to restore the queue's binding: {error}");
+            }
+        }
+    };
+    let result: anyhow::Result<()> = async {
+        let channel = connection.create_channel().await?;
+        let served_elsewhere = || async {
+            let passive = QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            };
+            let declared = channel.queue_declare(queue.as_str().into(), passive, FieldTable::default()).await?;
+            anyhow::Ok(declared.consumer_count() > 0)
+        };
+        // The broker may count our cancelled consumer for a moment yet: only
+        // a count that stays up means another node.
+        let mut patience = 10;
+        while served_elsewhere().await? {
+            patience -= 1;
+            if patience == 0 {
+                tracing::debug!(module = %name, "other nodes still serve the module");
+                return Ok(());
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        channel
+            .queue_unbind(queue.as_str().into(), topology.exchange().into(), name.as_str().into(), FieldTable::default())
+            .await?;
+        if served_elsewhere().await? {
+            binding(channel).await;
+            return Ok(());
+        }
+        let mut answered = 0usize;
+        while let Some(message) = channel.basic_get(queue.as_str().into(), BasicGetOptions::default()).await? {
+            request::answer_unserved(&shared, &message.delivery, &name).await;
+            answered += 1;
+        }
+        // Quorum queues refuse `if-unused` deletes (with a connection error),
+        // so look once more just before: a node that subscribes in the
+        // instant between is cancelled by the broker and subscribes again.
+        if served_elsewhere().await? {
+            binding(channel).await;
+            return Ok(());
+        }
+        channel.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await?;
+        tracing::info!(module = %name, answered, "no node serves the module any more: deleted its queue");
+        let _ = channel.close(200, "retired".into()).await;
+        Ok(())
+    }
+    .await;
+    if let Err(error) = result {
+        tracing::warn!(module = %name, "failed to retire the module's queue: {error:#}");
+    }
+}

@@ -1,0 +1,81 @@
+//! The compile cache: a restarted node loads what it compiled before, and
+//! never loads an artifact it did not write itself.
+
+use wasmrpc::names::ModuleName;
+
+use crate::support::TestNode;
+
+async fn start(cache: &std::path::Path) -> TestNode {
+    let cache = cache.to_owned();
+    TestNode::setup(&["fib"])
+        .config(move |config| config.cache_dir = Some(cache))
+        .start()
+        .await
+}
+
+fn from_cache(node: &TestNode) -> bool {
+    let fib: ModuleName = "fib".parse().unwrap();
+    node.registry
+        .get(&fib)
+        .expect("fib is served")
+        .module
+        .from_cache()
+}
+
+fn artifacts(cache: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut found: Vec<_> = std::fs::read_dir(cache)
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| path.extension().is_some_and(|ext| ext == "cwasm"))
+        .collect();
+    found.sort();
+    found
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restarted_node_loads_its_modules_from_its_cache() {
+    let cache = tempfile::tempdir().unwrap();
+    let mut first = start(cache.path()).await;
+    assert!(!from_cache(&first), "an empty cache cannot supply fib");
+    first.stop().await.unwrap();
+    assert_eq!(artifacts(cache.path()).len(), 1);
+
+    let second = start(cache.path()).await;
+    assert!(from_cache(&second), "the second start compiled fib again");
+    assert_eq!(second.call("fib", "30").await.body, b"832040");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_artifact_this_node_did_not_write_is_never_loaded() {
+    let cache = tempfile::tempdir().unwrap();
+    start(cache.path()).await.stop().await.unwrap();
+    let [artifact] = artifacts(cache.path()).try_into().unwrap();
+
+    // Altered code: its tag no longer matches.
+    let mut bytes = std::fs::read(&artifact).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&artifact, &bytes).unwrap();
+    let mut node = start(cache.path()).await;
+    assert!(!from_cache(&node), "an altered artifact was loaded");
+    assert_eq!(node.call("fib", "30").await.body, b"832040");
+    node.stop().await.unwrap();
+
+    // The compile rewrote it: trusted again.
+    let mut node = start(cache.path()).await;
+    assert!(from_cache(&node));
+    node.stop().await.unwrap();
+
+    // Another node's key: nothing it holds is trusted here.
+    std::fs::write(
+        cache.path().join(wasmrpc::runtime::CACHE_KEY_FILE),
+        [7u8; 32],
+    )
+    .unwrap();
+    let node = start(cache.path()).await;
+    assert!(
+        !from_cache(&node),
+        "an artifact tagged with another key was loaded"
+    );
+    assert_eq!(node.call("fib", "30").await.body, b"832040");
+}
