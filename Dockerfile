@@ -1,27 +1,27 @@
 # syntax=docker/dockerfile:1
 # A wasmrpc node: `docker build -t wasmrpc .`, then
 # `docker run -e AMQP_URL=amqp://user:pass@rabbit:5672/%2f wasmrpc`.
-# Mount your own modules over /modules to serve them instead of the bundled ones.
+# Mount your own modules over /modules to serve them instead of the bundled
+# ones; the node follows changes to that directory while it runs.
 
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
-# Dependencies first, so that editing the code does not refetch them.
-COPY Cargo.toml Cargo.lock ./
-COPY host/Cargo.toml host/Cargo.toml
-RUN mkdir -p host/src host/benches tests/integration \
-    && echo 'fn main() {}' > host/src/main.rs \
-    && touch host/src/lib.rs host/benches/sandbox.rs tests/integration/main.rs \
-    && cargo fetch --locked
-COPY wit wit
-COPY host host
-COPY tests tests
-RUN cargo build --release --locked --bin wasmrpc \
-    && strip target/release/wasmrpc
+COPY . .
+# The registry and target caches survive between builds (BuildKit), so a code
+# change rebuilds only wasmrpc itself.
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/src/target \
+    cargo build --release --locked --bin wasmrpc \
+    && strip target/release/wasmrpc \
+    && cp target/release/wasmrpc /usr/local/bin/wasmrpc
 
 # glibc, CA certificates (for amqps://) and a non-root user; no shell.
 FROM gcr.io/distroless/cc-debian12:nonroot
-COPY --from=build /src/target/release/wasmrpc /usr/local/bin/wasmrpc
+COPY --from=build /usr/local/bin/wasmrpc /usr/local/bin/wasmrpc
 COPY modules /modules
+# Compiled modules are cached in ~/.cache/wasmrpc, inside the container; set
+# WASMRPC_CACHE_DIR to a volume the nonroot user (uid 65532) can write to keep
+# them across containers.
 ENV WASMRPC_MODULES=/modules \
     AMQP_URL=amqp://guest:guest@rabbitmq:5672/%2f \
     RUST_LOG=info

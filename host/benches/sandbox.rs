@@ -8,9 +8,11 @@
 //!
 //! `cargo bench --bench sandbox` (`SANDBOX_BENCH_CALLS` sets calls per batch).
 
-use std::path::Path;
-use std::process::Command;
 use std::time::Instant;
+
+#[path = "../../tests/integration/support/guests.rs"]
+#[allow(dead_code)]
+mod guests;
 
 use wasmrpc::runtime::{Limits, Module, Runtime, RuntimeConfig, Wasm};
 
@@ -21,30 +23,16 @@ fn main() -> anyhow::Result<()> {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(5_000);
-    let guests = Path::new(env!("CARGO_MANIFEST_DIR")).join("../guests");
-    for target in ["wasm32-wasip2", "wasm32-unknown-unknown"] {
-        let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .args([
-                "build",
-                "--quiet",
-                "--release",
-                "-p",
-                "fib",
-                "--target",
-                target,
-            ])
-            .current_dir(&guests)
-            .env_remove("RUSTFLAGS")
-            .env_remove("CARGO_ENCODED_RUSTFLAGS")
-            .env_remove("CARGO_TARGET_DIR")
-            .status()?;
-        anyhow::ensure!(
-            status.success(),
-            "failed to build guests/fib for {target} (rustup target add {target})"
-        );
-    }
-    let wasip2 = std::fs::read(guests.join("target/wasm32-wasip2/release/fib.wasm"))?;
-    let core = std::fs::read(guests.join("target/wasm32-unknown-unknown/release/fib.wasm"))?;
+    let wasip2 = std::fs::read(
+        guests::build_for("wasm32-wasip2")
+            .map_err(anyhow::Error::msg)?
+            .join("fib.wasm"),
+    )?;
+    let core = std::fs::read(
+        guests::build_for("wasm32-unknown-unknown")
+            .map_err(anyhow::Error::msg)?
+            .join("fib.wasm"),
+    )?;
     let no_imports = wit_component::ComponentEncoder::default()
         .module(&core)?
         .validate(true)

@@ -10,11 +10,14 @@
 //! `cargo bench --bench startup` (`STARTUP_BENCH_MODULES` changes the count).
 
 use std::path::Path;
-use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
+#[path = "../../tests/integration/support/guests.rs"]
+#[allow(dead_code)]
+mod guests;
+
 use wasmrpc::node::{Node, NodeConfig};
 use wasmrpc::registry::{Loader, Registry};
 use wasmrpc::runtime::{Limits, Runtime, RuntimeConfig};
@@ -26,24 +29,11 @@ fn main() -> anyhow::Result<()> {
         .and_then(|n| n.parse().ok())
         .unwrap_or(200);
     let url = std::env::var("AMQP_URL").unwrap_or_else(|_| wasmrpc::amqp::DEFAULT_URL.to_owned());
-    let guests = Path::new(env!("CARGO_MANIFEST_DIR")).join("../guests");
-    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args([
-            "build",
-            "--quiet",
-            "--release",
-            "-p",
-            "fib",
-            "--target",
-            "wasm32-wasip2",
-        ])
-        .current_dir(&guests)
-        .env_remove("RUSTFLAGS")
-        .env_remove("CARGO_ENCODED_RUSTFLAGS")
-        .env_remove("CARGO_TARGET_DIR")
-        .status()?;
-    anyhow::ensure!(status.success(), "failed to build guests/fib");
-    let fib = std::fs::read(guests.join("target/wasm32-wasip2/release/fib.wasm"))?;
+    let fib = std::fs::read(
+        guests::build_for("wasm32-wasip2")
+            .map_err(anyhow::Error::msg)?
+            .join("fib.wasm"),
+    )?;
 
     // 200 distinct builds of fib: a custom section makes each one's bytes,
     // and so its cache entry, its own.

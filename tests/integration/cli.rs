@@ -151,14 +151,9 @@ async fn ping_and_modules_list_the_live_nodes_and_what_they_serve() {
     use wasmrpc::wire::NodeStatus;
 
     let exchange = unique("fleet");
-    let on =
-        |exchange: String| move |config: &mut wasmrpc::node::NodeConfig| config.exchange = exchange;
-    let first = TestNode::setup(&["fib"])
-        .config(on(exchange.clone()))
-        .start()
-        .await;
+    let first = TestNode::setup(&["fib"]).exchange(&exchange).start().await;
     let mut second = TestNode::setup(&["fib", "spin"])
-        .config(on(exchange.clone()))
+        .exchange(&exchange)
         .start()
         .await;
     for n in ["1", "2", "3"] {

@@ -116,23 +116,17 @@ async fn node_memory_returns_to_its_baseline_after_1000_hostile_calls() {
         &exchange,
         &["forever", "bomb", "recurse", "panic", "flood", "escape"],
     );
-    let node = {
-        let exchange = exchange.clone();
-        tokio::task::spawn_blocking(move || {
-            Spawn {
-                guests: &["forever", "bomb", "recurse", "panic", "flood", "escape"],
-                files: &[
-                    ("forever.toml", "[limits]\ntime = \"20ms\"\n"),
-                    ("bomb.toml", "[limits]\nmemory = \"32MiB\"\n"),
-                ],
-                exchange: &exchange,
-                env: &[],
-            }
-            .start()
-        })
-        .await
-        .unwrap()
-    };
+    let node = Spawn {
+        guests: &["forever", "bomb", "recurse", "panic", "flood", "escape"],
+        files: &[
+            ("forever.toml", "[limits]\ntime = \"20ms\"\n"),
+            ("bomb.toml", "[limits]\nmemory = \"32MiB\"\n"),
+        ],
+        exchange: exchange.clone(),
+        env: &[],
+    }
+    .start()
+    .await;
     let client = std::sync::Arc::new(Client::connect(&amqp_url(), &exchange).await.unwrap());
     let calls: [(&str, &[u8]); 6] = [
         ("bomb", b""),

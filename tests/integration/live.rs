@@ -284,16 +284,8 @@ async fn a_removed_module_is_no_longer_served_and_its_queue_goes_with_the_last_n
 #[tokio::test(flavor = "multi_thread")]
 async fn removing_a_module_from_one_node_leaves_it_to_the_others() {
     let exchange = unique("two");
-    let on =
-        |exchange: String| move |config: &mut wasmrpc::node::NodeConfig| config.exchange = exchange;
-    let first = TestNode::setup(&["fib"])
-        .config(on(exchange.clone()))
-        .start()
-        .await;
-    let second = TestNode::setup(&["fib"])
-        .config(on(exchange.clone()))
-        .start()
-        .await;
+    let first = TestNode::setup(&["fib"]).exchange(&exchange).start().await;
+    let second = TestNode::setup(&["fib"]).exchange(&exchange).start().await;
     let fib: ModuleName = "fib".parse().unwrap();
 
     std::fs::remove_file(first.modules_path().join("fib.wasm")).unwrap();

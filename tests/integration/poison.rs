@@ -14,18 +14,14 @@ use crate::support::raw::{RawClient, body, correlation_id, error_header};
 use crate::support::{TestNode, unique};
 
 async fn start_node(exchange: &str) -> NodeProcess {
-    let exchange = exchange.to_owned();
-    tokio::task::spawn_blocking(move || {
-        Spawn {
-            guests: &["spin"],
-            files: &[],
-            exchange: &exchange,
-            env: &[("WASMRPC_DELIVERY_LIMIT", "2")],
-        }
-        .start()
-    })
+    Spawn {
+        guests: &["spin"],
+        files: &[],
+        exchange: exchange.to_owned(),
+        env: &[("WASMRPC_DELIVERY_LIMIT", "2")],
+    }
+    .start()
     .await
-    .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -101,11 +97,9 @@ async fn a_request_that_keeps_killing_nodes_is_dead_lettered_and_answered_poison
 async fn nodes_that_disagree_on_the_delivery_limit_say_so() {
     let exchange = unique("disagree");
     let setup = |limit| {
-        let exchange = exchange.clone();
-        TestNode::setup(&["fib"]).config(move |config| {
-            config.exchange = exchange;
-            config.delivery_limit = limit;
-        })
+        TestNode::setup(&["fib"])
+            .exchange(&exchange)
+            .config(move |config| config.delivery_limit = limit)
     };
     let first = setup(3).start().await;
     assert_eq!(first.call("fib", "7").await.body, b"13");

@@ -6,28 +6,25 @@ use std::time::Duration;
 use wasmrpc::client::Client;
 
 use crate::support::node::Cleanup;
-use crate::support::process::Spawn;
+use crate::support::process::{NodeProcess, Spawn};
 use crate::support::{amqp_url, unique};
 
-/// Starts a node process off the async runtime.
+/// Starts a node process.
 async fn spawn(
     guests: &'static [&'static str],
     files: &'static [(&'static str, &'static str)],
     exchange: &str,
     env: &'static [(&'static str, &'static str)],
-) -> crate::support::process::NodeProcess {
+) -> NodeProcess {
     let exchange = exchange.to_owned();
-    tokio::task::spawn_blocking(move || {
-        Spawn {
-            guests,
-            files,
-            exchange: &exchange,
-            env,
-        }
-        .start()
-    })
+    Spawn {
+        guests,
+        files,
+        exchange,
+        env,
+    }
+    .start()
     .await
-    .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -268,7 +268,7 @@ impl Node {
                 () = &mut shutdown => break Ok(()),
                 Some(update) = self.updates.recv() => self.follow(update, &tasks).await,
                 next = self.deliveries.next() => match next {
-                    Some((source, Some(Ok(delivery)))) => self.dispatch(source, delivery, &tasks),
+                    Some((source, Some(Ok(delivery)))) => self.dispatch(source, delivery, &tasks).await,
                     Some((source, Some(Err(error)))) => {
                         break Err(anyhow::Error::new(error).context(format!("lost the subscription to {source:?}")));
                     }
@@ -303,17 +303,29 @@ impl Node {
         outcome
     }
 
-    fn dispatch(&self, source: Source, delivery: Delivery, tasks: &TaskTracker) {
+    async fn dispatch(&mut self, source: Source, delivery: Delivery, tasks: &TaskTracker) {
         let shared = self.shared.clone();
         match source {
-            Source::Unrouted => tasks.spawn(request::handle(shared, request::Target::Unrouted, delivery)),
-            Source::Control => tasks.spawn(control::answer(shared, delivery)),
+            Source::Unrouted => {
+                tasks.spawn(request::handle(shared, request::Target::Unrouted, delivery));
+            }
+            Source::Control => {
+                tasks.spawn(control::answer(shared, delivery));
+            }
             // The version that serves a request is the one served when it arrives.
             Source::Module(name) => match self.shared.registry.get(&name) {
-                Some(module) => tasks.spawn(request::handle(shared, request::Target::Module(module), delivery)),
+                Some(module) => {
+                    tasks.spawn(request::handle(
+                        shared,
+                        request::Target::Module(module),
+                        delivery,
+                    ));
+                }
                 // Left in a subscription being cancelled: the queue hands it to
-                // another node, or the last node out answers it.
-                None => tasks.spawn(async move {
+                // another node, or the last node out answers it. Returned here,
+                // not in a task, so that it is back before the subscription's
+                // end can set the last node's clean-up going.
+                None => {
                     let requeue = BasicNackOptions {
                         requeue: true,
                         ..BasicNackOptions::default()
@@ -321,9 +333,9 @@ impl Node {
                     if let Err(error) = delivery.nack(requeue).await {
                         tracing::error!(module = %name, "failed to return a request to its queue: {error}");
                     }
-                }),
+                }
             },
-        };
+        }
     }
 
     /// Follows a change the loader made to the registry.

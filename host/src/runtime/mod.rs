@@ -83,10 +83,13 @@ struct Flavor {
 
 impl Runtime {
     pub fn new(config: &RuntimeConfig) -> anyhow::Result<Self> {
-        let cache = match &config.cache_dir {
-            Some(dir) => Some(Arc::new(ArtifactCache::open(dir)?)),
-            None => None,
-        };
+        // A cache is an optimisation: a node that cannot have one still serves.
+        let cache = config.cache_dir.as_deref().and_then(|dir| {
+            ArtifactCache::open(dir)
+                .inspect_err(|error| tracing::warn!("compiling without a cache: {error:#}"))
+                .ok()
+                .map(Arc::new)
+        });
         let runtime = Runtime {
             slots: config.max_concurrent.max(1),
             engines: Arc::default(),

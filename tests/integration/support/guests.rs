@@ -1,4 +1,5 @@
-//! The guests, built from `guests/` for wasm32-wasip2 once per test process.
+//! The guests, built from `guests/` for wasm32-wasip2 once per test process
+//! (and for the benchmarks, which include this file).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -25,10 +26,16 @@ pub fn wasm(name: &str) -> PathBuf {
 /// Builds every guest. A no-op, apart from cargo's own check, when
 /// `scripts/test` has built them already.
 fn build() -> PathBuf {
+    build_for("wasm32-wasip2").unwrap_or_else(|error| panic!("{error}"))
+}
+
+/// Builds every guest for `target` and returns where the `.wasm` files are.
+/// The benchmarks share this file (`#[path]`), hence a `Result`.
+pub fn build_for(target: &str) -> Result<PathBuf, String> {
     let guests = repo().join("guests");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let status = Command::new(cargo)
-        .args(["build", "--release", "--target", "wasm32-wasip2"])
+        .args(["build", "--quiet", "--release", "--target", target])
         .current_dir(&guests)
         // Flags meant for the host build must not leak into the guests'.
         .env_remove("RUSTFLAGS")
@@ -36,10 +43,11 @@ fn build() -> PathBuf {
         .env_remove("CARGO_TARGET_DIR")
         .env_remove("CARGO_BUILD_TARGET")
         .status()
-        .expect("failed to run cargo to build the guests");
-    assert!(
-        status.success(),
-        "building guests/ failed; is the wasm32-wasip2 target installed? (rustup target add wasm32-wasip2)"
-    );
-    guests.join("target/wasm32-wasip2/release")
+        .map_err(|error| format!("failed to run cargo to build the guests: {error}"))?;
+    if !status.success() {
+        return Err(format!(
+            "building guests/ for {target} failed; is the target installed? (rustup target add {target})"
+        ));
+    }
+    Ok(guests.join(format!("target/{target}/release")))
 }

@@ -54,6 +54,12 @@ impl Setup {
         self.file(&format!("{module}.toml"), toml)
     }
 
+    /// Serves on `exchange`, beside other nodes there, instead of a fresh one.
+    pub fn exchange(self, exchange: &str) -> Self {
+        let exchange = exchange.to_owned();
+        self.config(move |config| config.exchange = exchange)
+    }
+
     /// Adjusts the node's configuration.
     pub fn config(mut self, configure: impl FnOnce(&mut NodeConfig)) -> Self {
         configure(&mut self.config);

@@ -19,28 +19,33 @@ pub struct NodeProcess {
 }
 
 /// The pieces of a node process: its modules and its settings.
-pub struct Spawn<'a> {
-    pub guests: &'a [&'a str],
-    pub files: &'a [(&'a str, &'a str)],
-    pub exchange: &'a str,
-    pub env: &'a [(&'a str, &'a str)],
+pub struct Spawn {
+    pub guests: &'static [&'static str],
+    pub files: &'static [(&'static str, &'static str)],
+    pub exchange: String,
+    pub env: &'static [(&'static str, &'static str)],
 }
 
-impl Spawn<'_> {
-    /// Starts the node in a new modules directory and waits until it is ready.
-    pub fn start(&self) -> NodeProcess {
-        let modules = tempfile::tempdir().unwrap();
-        for name in self.guests {
-            std::fs::copy(
-                guests::wasm(name),
-                modules.path().join(format!("{name}.wasm")),
-            )
-            .unwrap();
-        }
-        for (name, contents) in self.files {
-            std::fs::write(modules.path().join(name), contents).unwrap();
-        }
-        NodeProcess::start_in(modules, self.exchange, self.env)
+impl Spawn {
+    /// Starts the node in a new modules directory and waits, off the async
+    /// runtime, until it is ready.
+    pub async fn start(self) -> NodeProcess {
+        tokio::task::spawn_blocking(move || {
+            let modules = tempfile::tempdir().unwrap();
+            for name in self.guests {
+                std::fs::copy(
+                    guests::wasm(name),
+                    modules.path().join(format!("{name}.wasm")),
+                )
+                .unwrap();
+            }
+            for (name, contents) in self.files {
+                std::fs::write(modules.path().join(name), contents).unwrap();
+            }
+            NodeProcess::start_in(modules, &self.exchange, self.env)
+        })
+        .await
+        .unwrap()
     }
 }
 
