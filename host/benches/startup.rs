@@ -2,9 +2,9 @@
 //! cache and with a warm one.
 //!
 //! Two figures for each: loading the modules (read, hash, compile or load
-//! from the cache; no broker), and the whole `Node::start` (the same, plus
-//! connecting and declaring and consuming 200 quorum queues on the broker at
-//! `AMQP_URL`). The cold load is the baseline of its row pair; the warm one is
+//! from the cache; no broker), and the whole start of a node until it serves
+//! (the same, plus connecting and declaring and consuming 200 quorum queues
+//! on the broker at `AMQP_URL`). The cold load is the baseline of its row pair; the warm one is
 //! reported as a ratio to it, measured in the same run.
 //!
 //! `cargo bench --bench startup` (`STARTUP_BENCH_MODULES` changes the count).
@@ -18,7 +18,7 @@ use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
 #[allow(dead_code)]
 mod guests;
 
-use wasmrpc::node::{Node, NodeConfig};
+use wasmrpc::node::{Node, NodeConfig, State};
 use wasmrpc::registry::{Loader, Registry};
 use wasmrpc::runtime::{Limits, Runtime, RuntimeConfig};
 use wasmrpc::wire::Topology;
@@ -62,15 +62,22 @@ fn main() -> anyhow::Result<()> {
 
     let exchange = format!("wasmrpc-bench-{}", std::process::id());
     let start = |cache: &Path| {
-        let mut config = NodeConfig::new(&url, modules.path());
+        let mut config = NodeConfig::new(url.parse().map_err(anyhow::Error::msg)?, modules.path());
         config.exchange = exchange.clone();
         config.cache_dir = Some(cache.to_owned());
         tokio.block_on(async {
             let started = Instant::now();
             let node = Node::start(config).await?;
-            let elapsed = started.elapsed();
-            node.serve(std::future::ready(())).await?;
-            anyhow::Ok(elapsed)
+            let mut state = node.state();
+            let stop = tokio_util::sync::CancellationToken::new();
+            let serving = tokio::spawn(node.serve(stop.clone().cancelled_owned()));
+            let ready = state
+                .wait_for(|state| matches!(state, State::Serving { .. }))
+                .await
+                .map(|_| started.elapsed());
+            stop.cancel();
+            serving.await??;
+            anyhow::Ok(ready?)
         })
     };
     let cold_cache = tempfile::tempdir()?;
@@ -98,6 +105,7 @@ async fn load(modules: &Path, cache: &Path) -> anyhow::Result<Duration> {
         runtime,
         modules,
         Limits::DEFAULT,
+        NodeConfig::DEFAULT_MAX_MESSAGE,
         registry.clone(),
     ));
     let started = Instant::now();

@@ -1,11 +1,17 @@
-//! Broker plumbing shared by the node and the client: connecting with an
-//! error that says where, and declaring the topology of [`crate::wire`].
+//! Broker plumbing shared by the node and the client: broker addresses (one
+//! or several, for a cluster), connecting with an error that says where,
+//! telling a failure that retrying can fix from one it cannot, and declaring
+//! the topology of [`crate::wire`].
 
+use std::fmt;
+use std::str::FromStr;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::uri::AMQPUri;
 use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
 
 use crate::names::ModuleName;
@@ -17,36 +23,237 @@ pub const DEFAULT_URL: &str = "amqp://127.0.0.1:5672/%2f";
 /// How long to wait for the broker to accept a connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Connects to the broker; the error names the URL (without its password).
-pub async fn connect(url: &str, connection_name: &str) -> anyhow::Result<Connection> {
-    let properties = ConnectionProperties::default().with_connection_name(connection_name.into());
-    let connect = Connection::connect(url, properties);
-    match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
-        // The error's own text already includes its source: don't chain it.
-        Ok(connection) => connection.map_err(|error| {
-            anyhow::anyhow!("cannot connect to the broker at {}: {error}", redact(url))
-        }),
-        Err(_) => anyhow::bail!(
-            "cannot connect to the broker at {}: no answer within {} s",
-            redact(url),
-            CONNECT_TIMEOUT.as_secs()
-        ),
+/// The AMQP heartbeat asked for when a URL does not set one (`?heartbeat=N`).
+/// lapin gives up on a connection that has been silent for two intervals and
+/// checks every half interval, so a stalled connection is noticed within
+/// 2.5 intervals: 12.5 s.
+pub const DEFAULT_HEARTBEAT_SECS: u16 = 5;
+
+/// One broker address: an `amqp://` or `amqps://` URL, checked when it is
+/// parsed. Displays without its password.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Broker {
+    uri: AMQPUri,
+    shown: String,
+}
+
+impl Broker {
+    /// The connection settings lapin takes.
+    fn uri(&self) -> AMQPUri {
+        let mut uri = self.uri.clone();
+        uri.query.heartbeat.get_or_insert(DEFAULT_HEARTBEAT_SECS);
+        uri
     }
 }
 
-/// The URL with any password replaced, fit for logs and error messages.
-pub fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    match rest[..authority_end].rfind('@') {
-        Some(at) => {
-            let user = rest[..at].split(':').next().unwrap_or_default();
-            format!("{scheme}://{user}:***{}", &rest[at..])
+impl FromStr for Broker {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let text = text.trim();
+        let mut url = url::Url::parse(text).map_err(|error| format!("{text:?}: {error}"))?;
+        if !matches!(url.scheme(), "amqp" | "amqps") {
+            return Err(format!(
+                "{text:?}: the scheme must be amqp or amqps, not {:?}",
+                url.scheme()
+            ));
         }
-        None => url.to_owned(),
+        let host = match url.host() {
+            Some(url::Host::Domain(name)) => name.to_owned(),
+            Some(url::Host::Ipv4(ip)) => ip.to_string(),
+            Some(url::Host::Ipv6(ip)) => ip.to_string(),
+            None => return Err(format!("{text:?}: no broker host")),
+        };
+        let mut uri: AMQPUri = text.parse().map_err(|error| format!("{text:?}: {error}"))?;
+        // lapin's parser takes the host from `Url::domain`, which is `None`
+        // for an IPv6 address: it would connect to "localhost" instead.
+        uri.authority.host = host;
+        if url.password().is_some() {
+            // Cannot fail: a URL with a password has a host.
+            let _ = url.set_password(Some("***"));
+        }
+        Ok(Broker {
+            uri,
+            shown: url.to_string(),
+        })
     }
+}
+
+impl fmt::Display for Broker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.shown)
+    }
+}
+
+impl fmt::Debug for Broker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Broker({})", self.shown)
+    }
+}
+
+/// The brokers a node or client may use: the nodes of one RabbitMQ cluster,
+/// tried in turn. Never empty.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Brokers(Vec<Broker>);
+
+impl Brokers {
+    /// Parses each URL; `urls` may also hold comma-separated lists.
+    pub fn parse<S: AsRef<str>>(urls: &[S]) -> Result<Brokers, String> {
+        let brokers = urls
+            .iter()
+            .flat_map(|urls| urls.as_ref().split(','))
+            .filter(|url| !url.trim().is_empty())
+            .map(str::parse)
+            .collect::<Result<Vec<Broker>, _>>()?;
+        Brokers::try_from(brokers)
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The `index`th broker, counting round and round the list.
+    pub fn get(&self, index: usize) -> &Broker {
+        &self.0[index % self.0.len()]
+    }
+
+    /// Connects to the first broker that accepts, trying each once, starting
+    /// with the `start`th. Returns the connection and the index of its
+    /// broker; the error names every broker tried.
+    pub async fn connect(
+        &self,
+        start: usize,
+        connection_name: &str,
+    ) -> Result<(Connection, usize), ConnectError> {
+        let mut failures = Vec::new();
+        for offset in 0..self.len() {
+            let index = (start + offset) % self.len();
+            match connect(self.get(index), connection_name).await {
+                Ok(connection) => return Ok((connection, index)),
+                Err(error) if error.is_permanent() => return Err(error),
+                Err(error) => failures.push(error),
+            }
+        }
+        let mut last = failures.pop().expect("at least one broker");
+        if !failures.is_empty() {
+            let earlier: Vec<String> = failures.iter().map(ToString::to_string).collect();
+            last.message = format!("{}; {}", earlier.join("; "), last.message);
+        }
+        Err(last)
+    }
+}
+
+impl TryFrom<Vec<Broker>> for Brokers {
+    type Error = String;
+
+    fn try_from(brokers: Vec<Broker>) -> Result<Self, Self::Error> {
+        if brokers.is_empty() {
+            return Err("no broker URL given".into());
+        }
+        Ok(Brokers(brokers))
+    }
+}
+
+impl FromStr for Brokers {
+    type Err = String;
+
+    /// One URL, or several separated by commas.
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        Brokers::parse(&[text])
+    }
+}
+
+impl fmt::Display for Brokers {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, broker) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            write!(f, "{broker}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Why a connection could not be made, naming the broker.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct ConnectError {
+    message: String,
+    permanent: bool,
+}
+
+impl ConnectError {
+    /// Whether the broker refused us for good (credentials, vhost): trying
+    /// again cannot help.
+    pub fn is_permanent(&self) -> bool {
+        self.permanent
+    }
+}
+
+/// Connects to one broker; the error names it (without its password).
+pub async fn connect(broker: &Broker, connection_name: &str) -> Result<Connection, ConnectError> {
+    let properties = ConnectionProperties::default().with_connection_name(connection_name.into());
+    let connect = Connection::connect_uri(broker.uri(), properties);
+    match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
+        Ok(Ok(connection)) => Ok(connection),
+        // The error's own text already includes its source: don't chain it.
+        Ok(Err(error)) => Err(ConnectError {
+            message: format!("cannot connect to the broker at {broker}: {error}"),
+            permanent: is_refusal(&error),
+        }),
+        Err(_) => Err(ConnectError {
+            message: format!(
+                "cannot connect to the broker at {broker}: no answer within {} s",
+                CONNECT_TIMEOUT.as_secs()
+            ),
+            permanent: false,
+        }),
+    }
+}
+
+/// The broker's reply code, if `error` is the broker closing a channel or
+/// the connection.
+pub fn reply_code(error: &lapin::Error) -> Option<u16> {
+    match error.kind() {
+        lapin::ErrorKind::ProtocolError(amqp) => Some(amqp.get_id()),
+        _ => None,
+    }
+}
+
+/// Whether the broker refused what we asked for a reason that asking again
+/// will not change: access (credentials, permissions, the vhost) or a
+/// declaration that contradicts what exists (`inequivalent arg`).
+pub fn is_refusal(error: &lapin::Error) -> bool {
+    let lapin::ErrorKind::ProtocolError(amqp) = error.kind() else {
+        return false;
+    };
+    matches!(
+        amqp.kind(),
+        AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED | AMQPSoftError::PRECONDITIONFAILED)
+            | AMQPErrorKind::Hard(AMQPHardError::NOTALLOWED)
+    )
+}
+
+/// Whether the broker closed a channel or the connection because of what
+/// was sent on it, rather than because it is going away.
+pub fn is_broker_objection(error: &lapin::Error) -> bool {
+    let lapin::ErrorKind::ProtocolError(amqp) = error.kind() else {
+        return false;
+    };
+    !matches!(
+        amqp.kind(),
+        AMQPErrorKind::Hard(AMQPHardError::CONNECTIONFORCED)
+    )
+}
+
+/// Finds the lapin error behind an `anyhow` chain, if there is one.
+pub fn lapin_cause(error: &anyhow::Error) -> Option<&lapin::Error> {
+    error.chain().find_map(|cause| cause.downcast_ref())
 }
 
 /// Declares the exchange, its alternate exchange and the queue behind it.
@@ -252,19 +459,55 @@ pub fn header_str<'a>(headers: Option<&'a FieldTable>, name: &str) -> Option<&'a
 
 #[cfg(test)]
 mod tests {
-    use super::redact;
+    use super::*;
 
     #[test]
-    fn redact_hides_only_the_password() {
+    fn a_broker_displays_without_its_password() {
+        let shown = |url: &str| url.parse::<Broker>().unwrap().to_string();
         assert_eq!(
-            redact("amqp://127.0.0.1:5672/%2f"),
+            shown("amqp://127.0.0.1:5672/%2f"),
             "amqp://127.0.0.1:5672/%2f"
         );
         assert_eq!(
-            redact("amqp://guest:secret@rabbit:5672/%2f"),
+            shown("amqp://guest:secret@rabbit:5672/%2f"),
             "amqp://guest:***@rabbit:5672/%2f"
         );
-        assert_eq!(redact("amqps://bob@rabbit/vh"), "amqps://bob:***@rabbit/vh");
-        assert_eq!(redact("not a url"), "not a url");
+        assert_eq!(shown("amqps://bob@rabbit/vh"), "amqps://bob@rabbit/vh");
+    }
+
+    #[test]
+    fn a_broker_keeps_an_ip_address_and_asks_for_heartbeats() {
+        let broker: Broker = "amqp://u:p@10.1.2.3:5673/vh".parse().unwrap();
+        let uri = broker.uri();
+        assert_eq!(uri.authority.host, "10.1.2.3");
+        assert_eq!(uri.authority.port, 5673);
+        assert_eq!(uri.vhost, "vh");
+        assert_eq!(uri.query.heartbeat, Some(DEFAULT_HEARTBEAT_SECS));
+        let chosen: Broker = "amqp://[::1]:5672/%2f?heartbeat=30".parse().unwrap();
+        assert_eq!(chosen.uri().authority.host, "::1");
+        assert_eq!(chosen.uri().query.heartbeat, Some(30));
+    }
+
+    #[test]
+    fn a_malformed_broker_url_is_refused_with_the_reason() {
+        for bad in [
+            "not a url",
+            "http://rabbit:5672/",
+            "amqp://rabbit:99999/",
+            "amqp://rabbit/?heartbeat=soon",
+        ] {
+            let error = bad.parse::<Broker>().unwrap_err();
+            assert!(error.contains(bad), "{error:?} names {bad:?}");
+        }
+    }
+
+    #[test]
+    fn brokers_come_as_a_list_or_comma_separated() {
+        let brokers = Brokers::parse(&["amqp://a:5672,amqp://b:5672", "amqp://c"]).unwrap();
+        assert_eq!(brokers.len(), 3);
+        assert_eq!(brokers.get(4).to_string(), "amqp://b:5672");
+        assert_eq!(brokers.to_string(), "amqp://a:5672,amqp://b:5672,amqp://c");
+        assert!(Brokers::parse(&[""]).is_err());
+        assert!(Brokers::parse(&["amqp://a,nonsense"]).is_err());
     }
 }

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::amqp::{Broker, Brokers};
 use crate::client::{Client, ClientError};
 use crate::manifest::LimitOverrides;
 use crate::node::{self, Node, NodeConfig};
@@ -33,9 +34,20 @@ pub struct Cli {
     #[command(subcommand)]
     command: Command,
 
-    /// Broker to connect to.
-    #[arg(long, global = true, env = "AMQP_URL", default_value = amqp::DEFAULT_URL)]
-    amqp_url: String,
+    /// Broker to connect to. Give several (repeat the flag, or separate them
+    /// with commas) for the nodes of a RabbitMQ cluster: they are tried in
+    /// turn, at start and whenever the connection is lost. A URL without
+    /// `?heartbeat=N` gets a 5 s heartbeat, so a dead connection is noticed
+    /// within 12.5 s.
+    #[arg(
+        long,
+        global = true,
+        env = "AMQP_URL",
+        value_delimiter = ',',
+        default_value = amqp::DEFAULT_URL,
+        value_parser = clap::value_parser!(Broker),
+    )]
+    amqp_url: Vec<Broker>,
 
     /// Exchange that requests are published to; every name the node declares
     /// on the broker derives from it.
@@ -43,7 +55,7 @@ pub struct Cli {
     exchange: String,
 
     /// Log filter, in RUST_LOG syntax (e.g. `debug`, `wasmrpc=debug,lapin=warn`).
-    /// Defaults to `info` for `serve` and `warn,lapin=off` otherwise.
+    /// Defaults to `info,lapin=off` for `serve` and `warn,lapin=off` otherwise.
     #[arg(long, global = true, env = "RUST_LOG")]
     log: Option<String>,
 }
@@ -137,6 +149,20 @@ struct ServeArgs {
     /// Compile every module at every start; keep nothing on disk.
     #[arg(long, conflicts_with = "cache_dir")]
     no_cache: bool,
+
+    /// The largest message the broker accepts: its `max_message_size`
+    /// (16MiB by default since RabbitMQ 4.0, 128MiB before). A reply larger
+    /// than this is answered `too_large`, and no module's reply limit is
+    /// higher. If the broker turns out to accept less, the node learns it
+    /// from the first refusal.
+    #[arg(
+        long,
+        env = "WASMRPC_MAX_MESSAGE_SIZE",
+        default_value = "16MiB",
+        value_parser = parse_size,
+        help_heading = "Limits"
+    )]
+    max_message_size: u64,
 }
 
 /// Call a module and print its reply.
@@ -172,7 +198,9 @@ const EXIT_BROKER: u8 = 4;
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_log = match cli.command {
-        Command::Serve(_) => "info",
+        // lapin logs every broker error as it sees it; the node logs what it
+        // did about each, once.
+        Command::Serve(_) => "info,lapin=off",
         // The command reports its own errors; lapin would repeat them.
         Command::Call(_) | Command::Ping(_) | Command::Modules(_) => "warn,lapin=off",
     };
@@ -190,9 +218,16 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let brokers = match Brokers::try_from(cli.amqp_url) {
+        Ok(brokers) => brokers,
+        Err(error) => {
+            eprintln!("error: --amqp-url: {error}");
+            return ExitCode::from(2);
+        }
+    };
     match cli.command {
         Command::Serve(args) => {
-            let config = match serve_config(&cli.amqp_url, &cli.exchange, args) {
+            let config = match serve_config(brokers.clone(), &cli.exchange, args) {
                 Ok(config) => config,
                 Err(error) => {
                     eprintln!("error: {error}");
@@ -208,14 +243,14 @@ pub fn main() -> ExitCode {
                 }
             }
         }
-        Command::Call(args) => runtime.block_on(call(&cli.amqp_url, &cli.exchange, args)),
-        Command::Ping(args) => runtime.block_on(fleet(&cli.amqp_url, &cli.exchange, args, false)),
-        Command::Modules(args) => runtime.block_on(fleet(&cli.amqp_url, &cli.exchange, args, true)),
+        Command::Call(args) => runtime.block_on(call(&brokers, &cli.exchange, args)),
+        Command::Ping(args) => runtime.block_on(fleet(&brokers, &cli.exchange, args, false)),
+        Command::Modules(args) => runtime.block_on(fleet(&brokers, &cli.exchange, args, true)),
     }
 }
 
-fn serve_config(amqp_url: &str, exchange: &str, args: ServeArgs) -> Result<NodeConfig, String> {
-    let mut config = NodeConfig::new(amqp_url, args.modules);
+fn serve_config(brokers: Brokers, exchange: &str, args: ServeArgs) -> Result<NodeConfig, String> {
+    let mut config = NodeConfig::new(brokers, args.modules);
     config.exchange = exchange.to_owned();
     if let Some(concurrency) = args.concurrency {
         config.concurrency = concurrency;
@@ -233,6 +268,8 @@ fn serve_config(amqp_url: &str, exchange: &str, args: ServeArgs) -> Result<NodeC
     };
     config.limits = limits.apply_to(&Limits::DEFAULT)?;
     config.delivery_limit = args.delivery_limit;
+    config.max_message = usize::try_from(args.max_message_size)
+        .map_err(|_| "--max-message-size is too large".to_owned())?;
     config.cache_dir = match (args.no_cache, args.cache_dir) {
         (true, _) => None,
         (false, Some(dir)) => Some(dir),
@@ -250,8 +287,8 @@ fn default_cache_dir() -> Option<PathBuf> {
     Some(base.join("wasmrpc"))
 }
 
-async fn fleet(amqp_url: &str, exchange: &str, args: FleetArgs, with_modules: bool) -> ExitCode {
-    let client = match Client::connect(amqp_url, exchange).await {
+async fn fleet(brokers: &Brokers, exchange: &str, args: FleetArgs, with_modules: bool) -> ExitCode {
+    let client = match Client::connect(brokers, exchange).await {
         Ok(client) => client,
         Err(error) => {
             eprintln!("error: {error:#}");
@@ -279,7 +316,7 @@ async fn fleet(amqp_url: &str, exchange: &str, args: FleetArgs, with_modules: bo
         eprintln!(
             "no node answered within {:.1} s on exchange {exchange:?} at {}",
             args.wait.as_secs_f64(),
-            amqp::redact(amqp_url)
+            brokers
         );
         return ExitCode::from(EXIT_TIMEOUT);
     }
@@ -397,7 +434,7 @@ async fn serve(config: NodeConfig) -> anyhow::Result<()> {
     node.serve(shutdown::signal_received()).await
 }
 
-async fn call(amqp_url: &str, exchange: &str, args: CallArgs) -> ExitCode {
+async fn call(brokers: &Brokers, exchange: &str, args: CallArgs) -> ExitCode {
     let input = match read_input(args.arg.as_deref()) {
         Ok(input) => input,
         Err(error) => {
@@ -405,7 +442,7 @@ async fn call(amqp_url: &str, exchange: &str, args: CallArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let client = match Client::connect(amqp_url, exchange).await {
+    let client = match Client::connect(brokers, exchange).await {
         Ok(client) => client,
         Err(error) => {
             eprintln!("error: {error:#}");
@@ -442,9 +479,8 @@ async fn call(amqp_url: &str, exchange: &str, args: CallArgs) -> ExitCode {
         },
         Err(error @ ClientError::Timeout(_)) => {
             eprintln!(
-                "error: {error} from module {:?}: is a wasmrpc node running on {}?",
+                "error: {error} from module {:?}: is a wasmrpc node running on {brokers}?",
                 args.module,
-                amqp::redact(amqp_url)
             );
             ExitCode::from(EXIT_TIMEOUT)
         }

@@ -18,7 +18,7 @@ use lapin::{BasicProperties, Channel, Connection, ErrorKind as LapinErrorKind};
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::StreamExt as _;
 
-use crate::amqp;
+use crate::amqp::{self, Brokers};
 use crate::wire::{ERROR_HEADER, ErrorKind, NodeStatus, TIMEOUT_HEADER, Topology, VERSION_HEADER};
 
 /// The pseudo-queue RabbitMQ routes direct replies through.
@@ -83,9 +83,10 @@ pub struct Client {
 }
 
 impl Client {
-    /// Connects to the broker and subscribes to direct replies.
-    pub async fn connect(url: &str, exchange: &str) -> anyhow::Result<Client> {
-        let connection = amqp::connect(url, "wasmrpc client").await?;
+    /// Connects to the first of `brokers` that answers and subscribes to
+    /// direct replies.
+    pub async fn connect(brokers: &Brokers, exchange: &str) -> anyhow::Result<Client> {
+        let (connection, _) = brokers.connect(0, "wasmrpc client").await?;
         let channel = connection
             .create_channel()
             .await

@@ -13,6 +13,7 @@ pub mod manifest;
 pub mod names;
 pub mod node;
 pub mod registry;
+mod replies;
 mod request;
 pub mod runtime;
 pub mod shutdown;

@@ -81,17 +81,27 @@ pub struct Loader {
     runtime: Runtime,
     dir: PathBuf,
     limits: Limits,
+    /// No module's reply limit is above it: the broker refuses larger messages.
+    max_reply: usize,
     registry: Arc<Registry>,
 }
 
 impl Loader {
     /// A loader of the modules in `dir` into `registry`, each with `limits`
-    /// unless its manifest changes them.
-    pub fn new(runtime: Runtime, dir: &Path, limits: Limits, registry: Arc<Registry>) -> Loader {
+    /// unless its manifest changes them, and none with a reply limit above
+    /// `max_reply`.
+    pub fn new(
+        runtime: Runtime,
+        dir: &Path,
+        limits: Limits,
+        max_reply: usize,
+        registry: Arc<Registry>,
+    ) -> Loader {
         Loader {
             runtime,
             dir: dir.to_owned(),
             limits,
+            max_reply,
             registry,
         }
     }
@@ -204,7 +214,7 @@ impl Loader {
         path: &Path,
         current: Option<&LoadedModule>,
     ) -> anyhow::Result<Option<LoadedModule>> {
-        let limits = match Manifest::beside(path)? {
+        let mut limits = match Manifest::beside(path)? {
             Some(manifest) => manifest.limits.apply_to(&self.limits).map_err(|error| {
                 anyhow::anyhow!(
                     "invalid manifest {}: {error}",
@@ -213,6 +223,15 @@ impl Loader {
             })?,
             None => self.limits.clone(),
         };
+        if limits.reply > self.max_reply {
+            tracing::warn!(
+                module = %name,
+                "its manifest sets a reply limit of {}, more than the broker accepts: using {}",
+                Bytes(limits.reply as u64),
+                Bytes(self.max_reply as u64)
+            );
+            limits.reply = self.max_reply;
+        }
         let bytes = tokio::fs::read(path)
             .await
             .with_context(|| format!("failed to read {}", path.display()))?;

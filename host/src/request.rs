@@ -1,27 +1,52 @@
-//! One delivery, from arrival to ack: run it (or decide it cannot run), reply
-//! to its caller, then ack.
+//! One delivery, from arrival to settlement: run it (or decide it cannot
+//! run), reply to its caller, then settle it with the broker.
 //!
 //! Every delivery that names a caller gets exactly one reply, success or
 //! error, and only then is settled: if the node dies before the broker has
 //! confirmed the reply, the request goes back to its queue. A delivery
 //! without `reply_to` has nobody to answer; it is logged and acked.
+//!
+//! [`settle`] is the only place in the node that acks, requeues or rejects.
+//! A request task sees the node only through its [`Context`]: the reply
+//! path, the slots, the stats and the two signals that end its interest
+//! (the node stopping, its session lost).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use lapin::BasicProperties;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicNackOptions, BasicPublishOptions};
+use lapin::options::{BasicAckOptions, BasicNackOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
 use crate::amqp::header_u64;
 use crate::names::ModuleName;
-use crate::node::Shared;
 use crate::registry::LoadedModule;
+use crate::replies::{Replies, ReplyError};
+use crate::stats::Stats;
 use crate::wire::{
     DEADLINE_HEADER, DELIVERY_COUNT_HEADER, ERROR_HEADER, ErrorKind, TIMEOUT_HEADER, VERSION_HEADER,
 };
+
+/// What a request task may use of the node.
+pub(crate) struct Context {
+    pub replies: Arc<Replies>,
+    pub stats: Arc<Stats>,
+    /// Requests that run wasm at once.
+    pub slots: Arc<Semaphore>,
+    /// Deliveries after which a request is poison.
+    pub delivery_limit: u32,
+    /// Where poison requests go, for the message that says so.
+    pub dead_queue: String,
+    /// Cancelled when the node begins to shut down.
+    pub stopping: CancellationToken,
+    /// Cancelled when the broker session the deliveries came on is lost:
+    /// they can no longer be settled, and the broker hands them out again.
+    pub lost: CancellationToken,
+}
 
 /// What goes back to the caller.
 pub(crate) struct Reply {
@@ -57,6 +82,33 @@ impl Reply {
             ..Reply::ok(body)
         }
     }
+
+    fn properties(&self, correlation_id: Option<&ShortString>) -> BasicProperties {
+        let mut properties = BasicProperties::default();
+        if let Some(correlation_id) = correlation_id {
+            properties = properties.with_correlation_id(correlation_id.clone());
+        }
+        let mut headers = FieldTable::default();
+        if let Some(kind) = self.error {
+            headers.insert(
+                ERROR_HEADER.into(),
+                AMQPValue::LongString(LongString::from(kind.as_str())),
+            );
+        }
+        if let Some(version) = &self.version {
+            headers.insert(
+                VERSION_HEADER.into(),
+                AMQPValue::LongString(LongString::from(version.as_str())),
+            );
+        }
+        if !headers.inner().is_empty() {
+            properties = properties.with_headers(headers);
+        }
+        if let Some(content_type) = self.content_type {
+            properties = properties.with_content_type(content_type.into());
+        }
+        properties
+    }
 }
 
 /// What a delivery is for.
@@ -67,15 +119,19 @@ pub(crate) enum Target {
     Unrouted,
 }
 
-/// What happens to the delivery once its reply is out.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Settle {
+/// What the broker is told about a delivery once its reply is out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Settlement {
+    /// Done: the broker forgets it.
     Ack,
-    /// Reject without requeueing: the queue dead-letters it.
+    /// Not done here: back to its queue, for this node or another.
+    Requeue,
+    /// Never to be run again: the queue dead-letters it (or drops it, if
+    /// the queue has no dead-letter exchange).
     DeadLetter,
 }
 
-pub(crate) async fn handle(shared: Arc<Shared>, target: Target, delivery: Delivery) {
+pub(crate) async fn handle(context: Arc<Context>, target: Target, delivery: Delivery) {
     let correlation_id = delivery
         .properties
         .correlation_id()
@@ -83,50 +139,73 @@ pub(crate) async fn handle(shared: Arc<Shared>, target: Target, delivery: Delive
         .map_or("", ShortString::as_str)
         .to_owned();
     let span = tracing::info_span!("request", module = %delivery.routing_key, %correlation_id);
-    handle_in_span(shared, target, delivery)
+    handle_in_span(&context, target, delivery)
         .instrument(span)
         .await;
 }
 
-async fn handle_in_span(shared: Arc<Shared>, target: Target, delivery: Delivery) {
+async fn handle_in_span(context: &Context, target: Target, delivery: Delivery) {
     let received = Instant::now();
-    let Some(reply_to) = delivery.properties.reply_to().clone() else {
+    if delivery.properties.reply_to().is_none() {
         tracing::warn!("dropping request without reply_to: there is nobody to answer");
-        ack(&delivery).await;
+        settle(context, &delivery, Settlement::Ack).await;
         return;
-    };
+    }
 
-    let (reply, settle) = match target {
-        Target::Unrouted => (unrouted(delivery.routing_key.as_str()), Settle::Ack),
-        Target::Module(module) => match poison_check(&shared, &module.name, &delivery) {
-            Some(reply) => (reply, Settle::DeadLetter),
+    let (reply, settlement, module) = match target {
+        Target::Unrouted => (
+            unrouted(delivery.routing_key.as_str()),
+            Settlement::Ack,
+            None,
+        ),
+        Target::Module(module) => match poison_check(context, &module.name, &delivery) {
+            Some(reply) => (reply, Settlement::DeadLetter, None),
             None => match caller_deadline(delivery.properties.headers().as_ref(), received) {
                 Err(message) => (
                     Reply::error(ErrorKind::BadRequest, format!("{}: {message}", module.name)),
-                    Settle::Ack,
+                    Settlement::Ack,
+                    None,
                 ),
                 Ok(deadline) => {
-                    // Wait for a slot, unless the node stops first: then the
-                    // request goes back to its queue for another node.
+                    // Wait for a slot, unless the node stops first (the
+                    // request goes back to its queue for another node) or
+                    // the session is lost (the broker has taken it back).
                     let permit = tokio::select! {
-                        permit = shared.slots.acquire() => permit.expect("the slots semaphore is never closed"),
-                        () = shared.stopping.cancelled() => {
+                        permit = context.slots.acquire() => permit.expect("the slots semaphore is never closed"),
+                        () = context.stopping.cancelled() => {
                             tracing::debug!("node stopping: returning request to its queue");
-                            nack(&delivery, true).await;
+                            settle(context, &delivery, Settlement::Requeue).await;
+                            return;
+                        }
+                        () = context.lost.cancelled() => {
+                            tracing::debug!("session lost before the request ran: the broker hands it out again");
                             return;
                         }
                     };
                     tracing::debug!(redelivered = delivery.redelivered, version = %module.version, "running");
-                    let running = shared.stats.run();
-                    let reply = run(&module, &delivery.data, deadline).await;
+                    let running = context.stats.run();
+                    let reply = tokio::select! {
+                        reply = run(&module, &delivery.data, deadline) => reply,
+                        // Dropping the call stops the guest at once and frees
+                        // its slot for the requests of the next session.
+                        () = context.lost.cancelled() => {
+                            tracing::debug!("session lost while the request ran: stopped it; the broker hands it out again");
+                            return;
+                        }
+                    };
                     drop((running, permit));
-                    shared.stats.record(&module.name, reply.error.is_some());
-                    (reply, Settle::Ack)
+                    (reply, Settlement::Ack, Some(module.name.clone()))
                 }
             },
         },
     };
 
+    let Some(reply) = answer(context, &delivery, reply, settlement).await else {
+        return;
+    };
+    if let Some(name) = module {
+        context.stats.record(&name, reply.error.is_some());
+    }
     let elapsed_ms = (received.elapsed().as_secs_f64() * 1e5).round() / 100.0;
     match reply.error {
         None => tracing::info!(elapsed_ms, "served"),
@@ -136,14 +215,6 @@ async fn handle_in_span(shared: Arc<Shared>, target: Target, delivery: Delivery)
             message = %String::from_utf8_lossy(&reply.body),
             "failed"
         ),
-    }
-    let correlation_id = delivery.properties.correlation_id().as_ref();
-    if !publish(&shared, correlation_id, reply_to.as_str(), reply).await {
-        nack(&delivery, true).await;
-    } else if settle == Settle::DeadLetter {
-        nack(&delivery, false).await;
-    } else {
-        ack(&delivery).await;
     }
 }
 
@@ -158,36 +229,152 @@ async fn run(module: &LoadedModule, input: &[u8], deadline: Option<Instant>) -> 
     }
 }
 
-/// Answers `not_found` to a request left in the queue of a module no node
-/// serves any more (see `node::subscriptions::retire`), and acks it.
-pub(crate) async fn answer_unserved(shared: &Shared, delivery: &Delivery, name: &ModuleName) {
-    if let Some(reply_to) = delivery.properties.reply_to() {
-        let reply = Reply::error(
-            ErrorKind::NotFound,
-            format!("no node serves module {:?} any more", name.as_str()),
-        );
-        publish(
-            shared,
-            delivery.properties.correlation_id().as_ref(),
-            reply_to.as_str(),
-            reply,
-        )
-        .await;
+/// Sends `reply` to the delivery's caller, then settles the delivery as
+/// `settlement` says, unless the reply could not go out. Returns the reply
+/// the caller got, if it got one.
+///
+/// A reply the broker refuses costs only its own request: one too large for
+/// the broker is replaced by a `too_large` error; one refused for any other
+/// reason (a malformed `reply_to`, say) is dead-lettered, since it would fail
+/// the same way every time. A reply path that is down returns the request to
+/// its queue; a session lost meanwhile leaves it to the broker.
+async fn answer(
+    context: &Context,
+    delivery: &Delivery,
+    mut reply: Reply,
+    settlement: Settlement,
+) -> Option<Reply> {
+    let Some(reply_to) = delivery.properties.reply_to().as_ref() else {
+        settle(context, delivery, settlement).await;
+        return None;
+    };
+    let reply_to = reply_to.as_str();
+    let correlation_id = delivery.properties.correlation_id().as_ref();
+    loop {
+        let sent = context
+            .replies
+            .send(
+                reply_to,
+                reply.properties(correlation_id),
+                &reply.body,
+                &context.lost,
+            )
+            .await;
+        let settlement = match sent {
+            Ok(()) => {
+                settle(context, delivery, settlement).await;
+                return Some(reply);
+            }
+            Err(ReplyError::TooLarge { size, limit }) if reply.error.is_none() => {
+                tracing::warn!(
+                    size,
+                    limit,
+                    "the reply is larger than the broker accepts: answering too_large"
+                );
+                let module = delivery.routing_key.as_str();
+                reply = Reply {
+                    version: reply.version.take(),
+                    ..Reply::error(
+                        ErrorKind::TooLarge,
+                        format!(
+                            "{module}: reply of {size} bytes is over the broker's message size limit of {limit} bytes"
+                        ),
+                    )
+                };
+                continue;
+            }
+            Err(ReplyError::Abandoned) => {
+                tracing::debug!(
+                    "session lost before the reply went out: the broker hands the request out again"
+                );
+                return None;
+            }
+            Err(error @ (ReplyError::Refused(_) | ReplyError::TooLarge { .. })) => {
+                tracing::error!(
+                    %reply_to,
+                    "{error}: rejecting the request so that it cannot cycle (a module queue dead-letters it)"
+                );
+                Settlement::DeadLetter
+            }
+            Err(error @ ReplyError::Unavailable(_)) => {
+                tracing::warn!("{error}: returning the request to its queue");
+                Settlement::Requeue
+            }
+        };
+        settle(context, delivery, settlement).await;
+        return None;
     }
-    ack(delivery).await;
+}
+
+/// Answers `not_found` to a request left in the queue of a module no node
+/// serves any more (see `node::subscriptions::retire`), and settles it.
+pub(crate) async fn answer_unserved(context: &Context, delivery: &Delivery, name: &ModuleName) {
+    let reply = Reply::error(
+        ErrorKind::NotFound,
+        format!("no node serves module {:?} any more", name.as_str()),
+    );
+    answer(context, delivery, reply, Settlement::Ack).await;
+}
+
+/// Hands a delivery back to its queue unhandled.
+pub(crate) async fn give_back(context: &Context, delivery: &Delivery) {
+    settle(context, delivery, Settlement::Requeue).await;
+}
+
+/// Sends a reply to a request that is not settled (one consumed without
+/// acks, such as a fleet question). Returns whether it went out.
+pub(crate) async fn answer_unacked(context: &Context, delivery: &Delivery, reply: Reply) -> bool {
+    let Some(reply_to) = delivery.properties.reply_to().as_ref() else {
+        return false;
+    };
+    let properties = reply.properties(delivery.properties.correlation_id().as_ref());
+    match context
+        .replies
+        .send(reply_to.as_str(), properties, &reply.body, &context.lost)
+        .await
+    {
+        Ok(()) => true,
+        Err(error) => {
+            tracing::warn!(reply_to = %reply_to, "cannot answer a fleet question: {error}");
+            false
+        }
+    }
+}
+
+/// Tells the broker what became of a delivery. The only place that does.
+///
+/// Fails only when the delivery's channel is gone, and then the broker has
+/// already returned the delivery to its queue: nothing is lost.
+async fn settle(context: &Context, delivery: &Delivery, settlement: Settlement) {
+    let settled = match settlement {
+        Settlement::Ack => delivery.ack(BasicAckOptions::default()).await,
+        Settlement::Requeue | Settlement::DeadLetter => {
+            let options = BasicNackOptions {
+                requeue: settlement == Settlement::Requeue,
+                ..BasicNackOptions::default()
+            };
+            delivery.nack(options).await
+        }
+    };
+    if let Err(error) = settled {
+        if context.lost.is_cancelled() {
+            tracing::debug!(
+                ?settlement,
+                "session lost before the request was settled: the broker hands it out again"
+            );
+        } else {
+            tracing::error!(?settlement, "failed to settle the request: {error}");
+        }
+    }
 }
 
 /// A request that nodes have taken `delivery_limit` times without ever
 /// settling it (each died or was killed while running it) is not run again:
 /// its caller hears so, and it goes to the dead-letter queue for an operator.
 /// The queue's own `x-delivery-limit` catches it anyway if this node dies too.
-fn poison_check(shared: &Shared, name: &ModuleName, delivery: &Delivery) -> Option<Reply> {
-    let count = header_u64(
-        delivery.properties.headers().as_ref(),
-        DELIVERY_COUNT_HEADER,
-    )
-    .ok()??;
-    if count < u64::from(shared.delivery_limit) {
+fn poison_check(context: &Context, name: &ModuleName, delivery: &Delivery) -> Option<Reply> {
+    let count = delivery_count(delivery);
+    if count < u64::from(context.delivery_limit) {
         if count > 0 {
             tracing::warn!(
                 delivery_count = count,
@@ -201,9 +388,27 @@ fn poison_check(shared: &Shared, name: &ModuleName, delivery: &Delivery) -> Opti
         format!(
             "{name}: nodes took this request {count} times and stopped each time before replying; \
              it is not run again, and is kept in queue {:?}",
-            shared.topology.dead_queue()
+            context.dead_queue
         ),
     ))
+}
+
+/// How many times the broker delivered this request before, by what the
+/// broker vouches for: a first delivery (not `redelivered`) counts 0
+/// whatever headers its caller sent, and a redelivery counts what the
+/// quorum queue stamped on it (at least 1).
+fn delivery_count(delivery: &Delivery) -> u64 {
+    if !delivery.redelivered {
+        return 0;
+    }
+    header_u64(
+        delivery.properties.headers().as_ref(),
+        DELIVERY_COUNT_HEADER,
+    )
+    .ok()
+    .flatten()
+    .unwrap_or(1)
+    .max(1)
 }
 
 /// The earliest of the deadlines the caller set with [`TIMEOUT_HEADER`]
@@ -246,79 +451,5 @@ fn unrouted(routing_key: &str) -> Reply {
             format!("no node serves module {:?}", name.as_str()),
         ),
         Err(invalid) => Reply::error(ErrorKind::BadRequest, invalid.to_string()),
-    }
-}
-
-/// Publishes a reply and waits for the broker to take it. Returns whether
-/// it did; the caller settles the request only then.
-pub(crate) async fn publish(
-    shared: &Shared,
-    correlation_id: Option<&ShortString>,
-    reply_to: &str,
-    reply: Reply,
-) -> bool {
-    let mut properties = BasicProperties::default();
-    if let Some(correlation_id) = correlation_id {
-        properties = properties.with_correlation_id(correlation_id.clone());
-    }
-    let mut headers = FieldTable::default();
-    if let Some(kind) = reply.error {
-        headers.insert(
-            ERROR_HEADER.into(),
-            AMQPValue::LongString(LongString::from(kind.as_str())),
-        );
-    }
-    if let Some(version) = &reply.version {
-        headers.insert(
-            VERSION_HEADER.into(),
-            AMQPValue::LongString(LongString::from(version.as_str())),
-        );
-    }
-    if !headers.inner().is_empty() {
-        properties = properties.with_headers(headers);
-    }
-    if let Some(content_type) = reply.content_type {
-        properties = properties.with_content_type(content_type.into());
-    }
-    let confirm = shared
-        .replies
-        .basic_publish(
-            "".into(),
-            reply_to.into(),
-            BasicPublishOptions::default(),
-            &reply.body,
-            properties,
-        )
-        .await;
-    let confirmation = match confirm {
-        Ok(confirm) => confirm.await,
-        Err(error) => Err(error),
-    };
-    match confirmation {
-        Ok(confirmation) if confirmation.is_ack() => true,
-        Ok(_) => {
-            tracing::error!(%reply_to, "the broker refused the reply");
-            false
-        }
-        Err(error) => {
-            tracing::error!(%reply_to, "failed to publish the reply: {error}");
-            false
-        }
-    }
-}
-
-async fn ack(delivery: &Delivery) {
-    if let Err(error) = delivery.ack(BasicAckOptions::default()).await {
-        tracing::error!("failed to ack the request: {error}");
-    }
-}
-
-async fn nack(delivery: &Delivery, requeue: bool) {
-    let options = BasicNackOptions {
-        requeue,
-        ..BasicNackOptions::default()
-    };
-    if let Err(error) = delivery.nack(options).await {
-        tracing::error!("failed to settle the request: {error}");
     }
 }

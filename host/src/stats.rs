@@ -14,11 +14,15 @@ use crate::names::ModuleName;
 pub struct Stats {
     started: Instant,
     running: watch::Sender<usize>,
+    /// Calls answered, all modules together.
+    answered: watch::Sender<u64>,
     calls: Mutex<BTreeMap<ModuleName, Calls>>,
 }
 
 /// Calls a module answered on this node since it started, whatever version
-/// was serving.
+/// was serving. A call counts once the broker has confirmed its reply, so a
+/// request whose session was lost before it was answered counts only when
+/// it is answered again.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Calls {
     /// Every call that reached the module and was answered.
@@ -32,6 +36,7 @@ impl Default for Stats {
         Stats {
             started: Instant::now(),
             running: watch::Sender::new(0),
+            answered: watch::Sender::new(0),
             calls: Mutex::default(),
         }
     }
@@ -50,10 +55,18 @@ impl Stats {
     }
 
     pub(crate) fn record(&self, module: &ModuleName, failed: bool) {
-        let mut calls = self.calls.lock().expect("stats lock");
-        let calls = calls.entry(module.clone()).or_default();
-        calls.answered += 1;
-        calls.failed += u64::from(failed);
+        {
+            let mut calls = self.calls.lock().expect("stats lock");
+            let calls = calls.entry(module.clone()).or_default();
+            calls.answered += 1;
+            calls.failed += u64::from(failed);
+        }
+        self.answered.send_modify(|answered| *answered += 1);
+    }
+
+    /// The number of calls answered, all modules together, kept up to date.
+    pub fn answered(&self) -> watch::Receiver<u64> {
+        self.answered.subscribe()
     }
 
     pub fn calls(&self, module: &ModuleName) -> Calls {

@@ -9,7 +9,7 @@ use wasmrpc::client::Client;
 use crate::support::node::Cleanup;
 use crate::support::process::Spawn;
 use crate::support::raw::{RawClient, body, correlation_id, error_header};
-use crate::support::{TestNode, amqp_url, unique};
+use crate::support::{TestNode, brokers, unique};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn each_hostile_guest_gets_the_error_for_what_it_did() {
@@ -127,7 +127,7 @@ async fn node_memory_returns_to_its_baseline_after_1000_hostile_calls() {
     }
     .start()
     .await;
-    let client = std::sync::Arc::new(Client::connect(&amqp_url(), &exchange).await.unwrap());
+    let client = std::sync::Arc::new(Client::connect(&brokers(), &exchange).await.unwrap());
     let calls: [(&str, &[u8]); 6] = [
         ("bomb", b""),
         ("recurse", b""),

@@ -7,7 +7,7 @@ use wasmrpc::client::Client;
 
 use crate::support::node::Cleanup;
 use crate::support::process::{NodeProcess, Spawn};
-use crate::support::{amqp_url, unique};
+use crate::support::{brokers, unique};
 
 /// Starts a node process.
 async fn spawn(
@@ -32,7 +32,7 @@ async fn sigterm_during_a_call_still_delivers_its_reply_and_exits_0() {
     let exchange = unique("sigterm");
     let _cleanup = Cleanup::new(&exchange, &["spin"]);
     let mut node = spawn(&["spin"], &[], &exchange, &[]).await;
-    let client = Client::connect(&amqp_url(), &exchange).await.unwrap();
+    let client = Client::connect(&brokers(), &exchange).await.unwrap();
     let call =
         tokio::spawn(async move { client.call("spin", b"1500", Duration::from_secs(30)).await });
     let (node, shutting_down) = tokio::task::spawn_blocking(move || {
@@ -70,7 +70,7 @@ async fn a_node_whose_log_reader_is_gone_keeps_serving_and_stops_cleanly() {
         std::sync::mpsc::channel().1,
     ));
 
-    let client = Client::connect(&amqp_url(), &exchange).await.unwrap();
+    let client = Client::connect(&brokers(), &exchange).await.unwrap();
     for n in 0..20u32 {
         let reply = client
             .call("fib", n.to_string().as_bytes(), Duration::from_secs(10))
@@ -100,7 +100,7 @@ async fn limits_can_be_set_from_the_environment() {
         &[("WASMRPC_TIME_LIMIT", "250ms")],
     )
     .await;
-    let client = Client::connect(&amqp_url(), &exchange).await.unwrap();
+    let client = Client::connect(&brokers(), &exchange).await.unwrap();
     let reply = client
         .call("forever", b"", Duration::from_secs(10))
         .await

@@ -6,26 +6,19 @@ use std::sync::Arc;
 use lapin::message::Delivery;
 
 use super::Shared;
-use crate::request::{self, Reply};
+use crate::request::{self, Context, Reply};
 use crate::wire::{ModuleStatus, NodeStatus};
 
-pub(super) async fn answer(shared: Arc<Shared>, delivery: Delivery) {
-    let Some(reply_to) = delivery.properties.reply_to().clone() else {
+/// Control requests are consumed without acks: an answer that does not go
+/// out (the broker refused it, or the session was lost) only means this node
+/// looks absent for one `wasmrpc ping`.
+pub(super) async fn answer(shared: Arc<Shared>, context: Arc<Context>, delivery: Delivery) {
+    if delivery.properties.reply_to().is_none() {
         tracing::debug!("ignoring a control request without reply_to");
         return;
-    };
-    let status = status(&shared);
-    let body = serde_json::to_vec(&status).expect("a node status is always JSON");
-    let reply = Reply::json(body);
-    // Control requests are consumed without acks: a lost answer only means
-    // this node looks absent for one `wasmrpc ping`.
-    request::publish(
-        &shared,
-        delivery.properties.correlation_id().as_ref(),
-        reply_to.as_str(),
-        reply,
-    )
-    .await;
+    }
+    let body = serde_json::to_vec(&status(&shared)).expect("a node status is always JSON");
+    request::answer_unacked(&context, &delivery, Reply::json(body)).await;
 }
 
 fn status(shared: &Shared) -> NodeStatus {

@@ -1,7 +1,9 @@
-//! The daemon: keeps one subscription per module it serves (following the
-//! modules directory as it changes), one to the shared queue of unroutable
-//! requests and one to the control exchange, and hands each delivery to
-//! [`crate::request`] as its own task.
+//! The daemon. A node loads its modules and follows its modules directory
+//! for as long as it runs, whatever the broker does; it serves them through
+//! one broker [`session`] at a time, and when a session fails it logs why,
+//! opens another with capped exponential backoff and jitter, and serves on.
+//! It stops on its shutdown signal, or when a broker refuses its
+//! configuration for good (credentials, contradictory queue arguments).
 //!
 //! Backpressure is the broker's prefetch (deliveries this node holds unacked)
 //! plus a semaphore of `concurrency` permits (requests that run wasm at once).
@@ -9,36 +11,36 @@
 //! was prefetched but not started, then close.
 
 mod control;
+mod session;
 mod subscriptions;
 
 use std::future::Future;
 use std::path::PathBuf;
-use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
-use anyhow::Context as _;
-use lapin::message::Delivery;
-use lapin::options::{BasicNackOptions, BasicQosOptions, ConfirmSelectOptions};
-use lapin::{Channel, Connection};
+use backon::{ExponentialBuilder, Retryable as _};
 use tokio::sync::{Semaphore, mpsc};
-use tokio_stream::{Stream, StreamExt as _, StreamMap};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use self::subscriptions::Subscriptions;
-use crate::amqp;
+use self::session::{Ended, OpenError, Session};
+use crate::amqp::Brokers;
 use crate::names::ModuleName;
 use crate::registry::{Loader, Registry, Update};
-use crate::request;
+use crate::replies::Replies;
 use crate::runtime::{Limits, Runtime, RuntimeConfig};
 use crate::stats::Stats;
+use crate::units::Bytes;
 use crate::watch::{self, Change};
 use crate::wire::Topology;
 
 /// Everything a node needs to start, validated.
 #[derive(Clone, Debug)]
 pub struct NodeConfig {
-    pub amqp_url: String,
+    /// The brokers to use, tried in turn: one, or the nodes of a cluster.
+    pub brokers: Brokers,
     pub exchange: String,
     pub modules_dir: PathBuf,
     /// Requests that run at once.
@@ -53,16 +55,22 @@ pub struct NodeConfig {
     pub delivery_limit: u32,
     /// Where compiled modules are cached between runs; `None` for no cache.
     pub cache_dir: Option<PathBuf>,
+    /// The largest message body the broker accepts (RabbitMQ's
+    /// `max_message_size`): no module's reply limit is higher.
+    pub max_message: usize,
 }
 
 impl NodeConfig {
     pub const DEFAULT_DELIVERY_LIMIT: u32 = 5;
 
+    /// RabbitMQ's default `max_message_size` since 4.0.
+    pub const DEFAULT_MAX_MESSAGE: usize = 16 << 20;
+
     /// A configuration with the documented defaults, and no compile cache.
-    pub fn new(amqp_url: impl Into<String>, modules_dir: impl Into<PathBuf>) -> Self {
+    pub fn new(brokers: Brokers, modules_dir: impl Into<PathBuf>) -> Self {
         let concurrency = default_concurrency();
         NodeConfig {
-            amqp_url: amqp_url.into(),
+            brokers,
             exchange: crate::wire::DEFAULT_EXCHANGE.to_owned(),
             modules_dir: modules_dir.into(),
             concurrency,
@@ -70,6 +78,7 @@ impl NodeConfig {
             limits: Limits::default(),
             delivery_limit: Self::DEFAULT_DELIVERY_LIMIT,
             cache_dir: None,
+            max_message: Self::DEFAULT_MAX_MESSAGE,
         }
     }
 }
@@ -85,56 +94,72 @@ pub fn default_prefetch(concurrency: u32) -> u16 {
     u16::try_from(concurrency.saturating_mul(2)).unwrap_or(u16::MAX)
 }
 
-/// Where a delivery came from.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub(crate) enum Source {
-    Module(ModuleName),
-    Unrouted,
-    Control,
+/// Where a node stands with its broker.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum State {
+    /// Waiting for a broker to answer: at start, or after losing one.
+    Connecting,
+    /// Subscribed to every module it serves, through session `session` (the
+    /// first is 1) on `broker`.
+    Serving { broker: String, session: u64 },
+    /// Shutting down: it takes no new requests.
+    Stopping,
 }
 
-/// A subscription's deliveries, then `None` once when it has ended (the
-/// broker confirmed our cancel, or cancelled it itself), so the node learns
-/// of the end; a `StreamMap` would drop the stream silently.
-type Deliveries = Pin<Box<dyn Stream<Item = Option<lapin::Result<Delivery>>> + Send>>;
+/// The delay before a session is opened again: from 100 ms, doubling, up
+/// to 1 s, each with up to as much again of jitter, so that a fleet that
+/// lost its broker does not come back in step. A node is back within 2 s
+/// of its broker.
+fn reconnect_backoff() -> ExponentialBuilder {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(1))
+        .with_jitter()
+        .without_max_times()
+}
 
-/// What request tasks share with the node.
+/// What every session of a node shares, and request tasks draw from.
 pub(crate) struct Shared {
     pub id: String,
     pub host: String,
     pub concurrency: u32,
+    pub prefetch: u16,
+    pub delivery_limit: u32,
     pub registry: Arc<Registry>,
     pub topology: Topology,
-    pub delivery_limit: u32,
     pub stats: Arc<Stats>,
-    /// Replies are published here, with publisher confirms, and never on the
-    /// consuming channel: a failed publish must not cancel the consumers.
-    pub replies: Channel,
-    pub slots: Semaphore,
+    pub replies: Arc<Replies>,
+    pub slots: Arc<Semaphore>,
     /// Cancelled when the node begins to shut down.
     pub stopping: CancellationToken,
 }
 
-/// A node that has loaded its modules and is subscribed to their queues.
+/// A node that has loaded its modules; [`Node::serve`] connects it.
 pub struct Node {
     shared: Arc<Shared>,
-    connection: Arc<Connection>,
-    consume: Channel,
-    deliveries: StreamMap<Source, Deliveries>,
-    subscriptions: Subscriptions,
+    brokers: Brokers,
     /// Module changes the loader made, for the node to follow.
     updates: mpsc::UnboundedReceiver<Update>,
     loader: tokio::task::JoinHandle<()>,
+    state: tokio::sync::watch::Sender<State>,
     _watcher: notify::RecommendedWatcher,
 }
 
 impl Node {
-    /// Loads the modules, connects and subscribes. When this returns, requests
-    /// published to the exchange reach this node (they wait in the queues
-    /// until [`Node::serve`] runs).
-    pub async fn start(config: NodeConfig) -> anyhow::Result<Node> {
+    /// Loads the modules and starts following the modules directory. Needs
+    /// no broker: [`Node::serve`] connects.
+    pub async fn start(mut config: NodeConfig) -> anyhow::Result<Node> {
         let id = uuid::Uuid::new_v4().to_string();
         config.limits.validate().map_err(anyhow::Error::msg)?;
+        if config.limits.reply > config.max_message {
+            tracing::warn!(
+                "the reply limit of {} is more than the broker accepts ({}): using {}",
+                Bytes(config.limits.reply as u64),
+                Bytes(config.max_message as u64),
+                Bytes(config.max_message as u64),
+            );
+            config.limits.reply = config.max_message;
+        }
         let runtime = Runtime::new(&RuntimeConfig {
             max_concurrent: config.concurrency,
             cache_dir: config.cache_dir.clone(),
@@ -146,6 +171,7 @@ impl Node {
             runtime,
             &config.modules_dir,
             config.limits.clone(),
+            config.max_message,
             registry.clone(),
         ));
         loader.load_all().await?;
@@ -155,81 +181,31 @@ impl Node {
                 "no modules to serve yet: this node answers not_found until some are added"
             );
         }
-
-        let connection = amqp::connect(&config.amqp_url, &format!("wasmrpc node {id}")).await?;
-        let consume = connection
-            .create_channel()
-            .await
-            .context("failed to open a channel")?;
-        consume
-            .basic_qos(config.prefetch, BasicQosOptions::default())
-            .await
-            .context("failed to set the prefetch")?;
-        let replies = connection
-            .create_channel()
-            .await
-            .context("failed to open a channel")?;
-        replies
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .context("failed to enable publisher confirms")?;
-        let topology = Topology::new(&config.exchange);
-        amqp::declare_exchanges(&consume, &topology).await?;
-
-        let mut deliveries = StreamMap::new();
-        let mut subscriptions = Subscriptions::new(&id, topology.clone(), config.delivery_limit);
-        let unrouted = topology.unrouted_queue();
-        deliveries.insert(
-            Source::Unrouted,
-            subscriptions
-                .consume(&consume, &unrouted, "unrouted", false)
-                .await?,
-        );
-        let control = amqp::declare_control_queue(&consume, &topology).await?;
-        deliveries.insert(
-            Source::Control,
-            subscriptions
-                .consume(&consume, &control, "control", true)
-                .await?,
-        );
-        for name in registry.names() {
-            let stream = subscriptions
-                .subscribe(&connection, &consume, &name)
-                .await?;
-            deliveries.insert(Source::Module(name), stream);
-        }
-
         let (updates_sender, updates) = mpsc::unbounded_channel();
         let loader = tokio::spawn(follow_changes(loader, changes, updates_sender));
-        tracing::info!(
-            node = %id,
-            broker = %amqp::redact(&config.amqp_url),
-            exchange = %config.exchange,
-            modules = ?registry.names().iter().map(ModuleName::as_str).collect::<Vec<_>>(),
-            concurrency = config.concurrency,
-            prefetch = config.prefetch,
-            "node ready"
+        let replies = Replies::new(
+            config.brokers.clone(),
+            format!("wasmrpc node {id} replies"),
+            config.max_message,
         );
-
         Ok(Node {
             shared: Arc::new(Shared {
                 id,
-                host: hostname(),
+                host: gethostname::gethostname().to_string_lossy().into_owned(),
                 concurrency: config.concurrency,
-                registry,
-                topology,
+                prefetch: config.prefetch,
                 delivery_limit: config.delivery_limit,
+                registry,
+                topology: Topology::new(&config.exchange),
                 stats: Arc::default(),
-                replies,
-                slots: Semaphore::new(config.concurrency as usize),
+                replies: Arc::new(replies),
+                slots: Arc::new(Semaphore::new(config.concurrency as usize)),
                 stopping: CancellationToken::new(),
             }),
-            connection: Arc::new(connection),
-            consume,
-            deliveries,
-            subscriptions,
+            brokers: config.brokers,
             updates,
             loader,
+            state: tokio::sync::watch::Sender::new(State::Connecting),
             _watcher: watcher,
         })
     }
@@ -254,140 +230,133 @@ impl Node {
         self.shared.registry.names()
     }
 
-    /// Serves requests until `shutdown` completes, then stops consuming,
-    /// finishes the requests in flight and closes the connection.
+    /// Where the node stands with its broker, kept up to date.
+    pub fn state(&self) -> tokio::sync::watch::Receiver<State> {
+        self.state.subscribe()
+    }
+
+    /// Serves requests until `shutdown` completes, through as many broker
+    /// sessions as it takes, then stops consuming, finishes the requests in
+    /// flight and closes.
     ///
-    /// Returns an error if the broker connection fails; requests this node
-    /// held unacked then go back to their queues.
+    /// Returns an error only when a broker refuses this node's configuration
+    /// for good (its credentials, its vhost, queue arguments that contradict
+    /// what other nodes declared).
     pub async fn serve(mut self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
         let tasks = TaskTracker::new();
         tokio::pin!(shutdown);
+        let mut broker = 0;
+        let mut sessions = 0;
         let outcome = loop {
-            tokio::select! {
-                biased;
-                () = &mut shutdown => break Ok(()),
-                Some(update) = self.updates.recv() => self.follow(update, &tasks).await,
-                next = self.deliveries.next() => match next {
-                    Some((source, Some(Ok(delivery)))) => self.dispatch(source, delivery, &tasks).await,
-                    Some((source, Some(Err(error)))) => {
-                        break Err(anyhow::Error::new(error).context(format!("lost the subscription to {source:?}")));
+            self.state.send_replace(State::Connecting);
+            let opened = {
+                let open = open_session(&self.shared, &self.brokers, broker, sessions + 1);
+                tokio::pin!(open);
+                loop {
+                    tokio::select! {
+                        biased;
+                        () = &mut shutdown => break None,
+                        // A session subscribes to what the registry holds when it opens.
+                        Some(_) = self.updates.recv() => {}
+                        opened = &mut open => break Some(opened),
                     }
-                    Some((Source::Module(name), None)) => self.ended(name, &tasks).await,
-                    Some((source, None)) => break Err(anyhow::anyhow!("the broker cancelled the subscription to {source:?}")),
-                    None => break Err(anyhow::anyhow!("no subscriptions left")),
-                },
+                }
+            };
+            let mut session = match opened {
+                None => break Ok(()),
+                Some(Ok(session)) => session,
+                Some(Err(error)) => break Err(error),
+            };
+            sessions = session.number;
+            broker = session.broker;
+            self.state.send_replace(State::Serving {
+                broker: self.brokers.get(broker).to_string(),
+                session: sessions,
+            });
+            match session
+                .serve(&mut self.updates, &mut shutdown, &tasks)
+                .await
+            {
+                Ended::Shutdown => {
+                    self.state.send_replace(State::Stopping);
+                    self.loader.abort();
+                    session.stop(&tasks).await;
+                    break Ok(());
+                }
+                Ended::Lost(error) => {
+                    tracing::warn!(
+                        node = %self.shared.id,
+                        session = sessions,
+                        "lost the broker: {error:#}; reconnecting (requests it held return to their queues)"
+                    );
+                    session.abandon();
+                }
             }
         };
 
-        let in_flight = tasks.len();
-        tracing::info!(node = %self.shared.id, in_flight, "shutting down: no new requests, finishing those in flight");
+        self.state.send_replace(State::Stopping);
         self.loader.abort();
-        self.subscriptions.cancel_all(&self.consume).await;
-        // Requests still waiting for a slot go back to their queue at once
-        // rather than running during shutdown.
+        // Without a session (shutdown while connecting, or a refusal) the
+        // tasks left are those of lost sessions: they end at once.
         self.shared.stopping.cancel();
         tasks.close();
         tasks.wait().await;
-        // Closing the channel returns anything prefetched but never handled.
-        let _ = self.consume.close(200, "node shutting down".into()).await;
-        let _ = self
-            .shared
-            .replies
-            .close(200, "node shutting down".into())
-            .await;
-        let _ = self
-            .connection
-            .close(200, "node shutting down".into())
-            .await;
+        self.shared.replies.close().await;
         tracing::info!(node = %self.shared.id, "stopped");
         outcome
     }
+}
 
-    async fn dispatch(&mut self, source: Source, delivery: Delivery, tasks: &TaskTracker) {
-        let shared = self.shared.clone();
-        match source {
-            Source::Unrouted => {
-                tasks.spawn(request::handle(shared, request::Target::Unrouted, delivery));
+/// Opens a session, trying again with backoff until one opens, or a broker
+/// refuses this node for good. Logs the first failure, then attempts 2, 4,
+/// 8... so that a long outage costs a few lines.
+async fn open_session(
+    shared: &Arc<Shared>,
+    brokers: &Brokers,
+    first: usize,
+    number: u64,
+) -> anyhow::Result<Session> {
+    let started = Instant::now();
+    let attempts = AtomicU32::new(0);
+    let next = AtomicUsize::new(first);
+    let open = || {
+        attempts.fetch_add(1, Ordering::Relaxed);
+        Session::open(shared, brokers, next.load(Ordering::Relaxed), number)
+    };
+    let opened = open
+        .retry(reconnect_backoff())
+        .when(|error| matches!(error, OpenError::Transient(_)))
+        .notify(|error, delay| {
+            // The next attempt starts with the next broker.
+            next.fetch_add(1, Ordering::Relaxed);
+            let attempt = attempts.load(Ordering::Relaxed);
+            if attempt.is_power_of_two() {
+                tracing::warn!(
+                    node = %shared.id,
+                    attempt,
+                    waiting_s = started.elapsed().as_secs(),
+                    retry_in_ms = delay.as_millis() as u64,
+                    "waiting for the broker: {:#}",
+                    error.cause()
+                );
             }
-            Source::Control => {
-                tasks.spawn(control::answer(shared, delivery));
+        })
+        .await;
+    match opened {
+        Ok(session) => {
+            if attempts.load(Ordering::Relaxed) > 1 {
+                tracing::info!(
+                    node = %shared.id,
+                    attempts = attempts.load(Ordering::Relaxed),
+                    waited_ms = started.elapsed().as_millis() as u64,
+                    "the broker answers again"
+                );
             }
-            // The version that serves a request is the one served when it arrives.
-            Source::Module(name) => match self.shared.registry.get(&name) {
-                Some(module) => {
-                    tasks.spawn(request::handle(
-                        shared,
-                        request::Target::Module(module),
-                        delivery,
-                    ));
-                }
-                // Left in a subscription being cancelled: the queue hands it to
-                // another node, or the last node out answers it. Returned here,
-                // not in a task, so that it is back before the subscription's
-                // end can set the last node's clean-up going.
-                None => {
-                    let requeue = BasicNackOptions {
-                        requeue: true,
-                        ..BasicNackOptions::default()
-                    };
-                    if let Err(error) = delivery.nack(requeue).await {
-                        tracing::error!(module = %name, "failed to return a request to its queue: {error}");
-                    }
-                }
-            },
+            Ok(session)
         }
-    }
-
-    /// Follows a change the loader made to the registry.
-    async fn follow(&mut self, update: Update, tasks: &TaskTracker) {
-        match update {
-            Update::Added(name) => {
-                match self
-                    .subscriptions
-                    .added(&self.connection, &self.consume, &name)
-                    .await
-                {
-                    Ok(Some(stream)) => {
-                        self.deliveries.insert(Source::Module(name), stream);
-                    }
-                    Ok(None) => {}
-                    Err(error) => {
-                        tracing::error!(module = %name, "cannot serve the module: {error:#}")
-                    }
-                }
-            }
-            Update::Replaced(_) => {}
-            Update::Removed(name) => {
-                self.subscriptions.removed(&self.consume, &name).await;
-                // If the subscription is already gone (it never started), retire now.
-                if !self.deliveries.contains_key(&Source::Module(name.clone())) {
-                    self.ended(name, tasks).await;
-                }
-            }
-        }
-    }
-
-    /// A module's subscription has ended: subscribe again if the module came
-    /// back meanwhile, else let its queue go if no node serves it any more.
-    async fn ended(&mut self, name: ModuleName, tasks: &TaskTracker) {
-        self.deliveries.remove(&Source::Module(name.clone()));
-        match self
-            .subscriptions
-            .ended(&self.connection, &self.consume, &name)
-            .await
-        {
-            Ok(subscriptions::Ended::Resubscribed(stream)) => {
-                self.deliveries.insert(Source::Module(name), stream);
-            }
-            Ok(subscriptions::Ended::Retire) => {
-                tasks.spawn(subscriptions::retire(
-                    self.connection.clone(),
-                    self.shared.clone(),
-                    name,
-                ));
-            }
-            Err(error) => tracing::error!(module = %name, "cannot serve the module: {error:#}"),
-        }
+        Err(error) => Err(error
+            .into_cause()
+            .context("the broker refused this node's configuration")),
     }
 }
 
@@ -409,18 +378,4 @@ async fn follow_changes(
             }
         }
     }
-}
-
-fn hostname() -> String {
-    let mut buffer = [0u8; 256];
-    // SAFETY: the buffer is valid for its length; gethostname writes at most that.
-    let status = unsafe { libc::gethostname(buffer.as_mut_ptr().cast(), buffer.len()) };
-    if status != 0 {
-        return "unknown".to_owned();
-    }
-    let end = buffer
-        .iter()
-        .position(|&byte| byte == 0)
-        .unwrap_or(buffer.len());
-    String::from_utf8_lossy(&buffer[..end]).into_owned()
 }

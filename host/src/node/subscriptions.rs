@@ -19,10 +19,10 @@ use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
 use tokio_stream::StreamExt as _;
 
-use super::{Deliveries, Shared};
+use super::session::Deliveries;
 use crate::amqp;
 use crate::names::ModuleName;
-use crate::request;
+use crate::request::{self, Context};
 use crate::wire::Topology;
 
 enum State {
@@ -196,8 +196,13 @@ async fn start_consuming(
 /// `not_found` to the requests still waiting in it, and deletes it. If another
 /// node subscribes meanwhile, it puts the binding back and leaves the queue.
 /// Requests this node still runs are answered: they were delivered already.
-pub(super) async fn retire(connection: Arc<Connection>, shared: Arc<Shared>, name: ModuleName) {
-    let topology = &shared.topology;
+pub(super) async fn retire(
+    connection: Arc<Connection>,
+    context: Arc<Context>,
+    topology: Topology,
+    name: ModuleName,
+) {
+    let topology = &topology;
     let queue = topology.module_queue(&name);
     let binding = |channel: Channel| {
         let (queue, exchange) = (queue.clone(), topology.exchange().to_owned());
@@ -247,7 +252,7 @@ pub(super) async fn retire(connection: Arc<Connection>, shared: Arc<Shared>, nam
         }
         let mut answered = 0usize;
         while let Some(message) = channel.basic_get(queue.as_str().into(), BasicGetOptions::default()).await? {
-            request::answer_unserved(&shared, &message.delivery, &name).await;
+            request::answer_unserved(&context, &message.delivery, &name).await;
             answered += 1;
         }
         // Quorum queues refuse `if-unused` deletes (with a connection error),

@@ -15,7 +15,6 @@ mod limits;
 mod sandbox;
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::hash::{Hash as _, Hasher as _};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -254,18 +253,8 @@ impl Wasm {
 
     /// The SHA-256 of the bytes, in hex.
     pub fn digest(&self) -> String {
-        hex(&self.digest)
+        hex::encode(self.digest)
     }
-}
-
-/// Lowercase hex, two digits a byte.
-fn hex(bytes: &[u8]) -> String {
-    bytes
-        .iter()
-        .fold(String::with_capacity(bytes.len() * 2), |mut hex, byte| {
-            let _ = write!(hex, "{byte:02x}");
-            hex
-        })
 }
 
 /// Why a call produced no output. Every variant is an answer for the caller,

@@ -14,6 +14,11 @@ pub fn amqp_url() -> String {
     std::env::var("AMQP_URL").unwrap_or_else(|_| wasmrpc::amqp::DEFAULT_URL.to_owned())
 }
 
+/// The broker the tests use, parsed.
+pub fn brokers() -> wasmrpc::amqp::Brokers {
+    amqp_url().parse().expect("AMQP_URL is a broker URL")
+}
+
 /// A name no other test (or test run) uses, so tests can share a broker.
 pub fn unique(prefix: &str) -> String {
     let id = uuid::Uuid::new_v4().simple().to_string();

@@ -9,12 +9,12 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use wasmrpc::client::{Client, Reply};
 use wasmrpc::names::ModuleName;
-use wasmrpc::node::{Node, NodeConfig};
+use wasmrpc::node::{Node, NodeConfig, State};
 use wasmrpc::registry::Registry;
 use wasmrpc::stats::Stats;
 use wasmrpc::wire::Topology;
 
-use super::{amqp_url, guests, unique};
+use super::{amqp_url, brokers, guests, unique};
 
 /// How long a test waits for a reply that should come.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -101,8 +101,16 @@ impl Setup {
         let stats = node.stats();
         let registry = node.registry();
         let id = node.id().to_owned();
+        let mut state = node.state();
         let stop = CancellationToken::new();
         let serving = tokio::spawn(node.serve(stop.clone().cancelled_owned()));
+        // Serving means subscribed: requests published from now on reach it.
+        // The state is gone only when `serve` has returned.
+        let ready = state.wait_for(|state| matches!(state, State::Serving { .. }));
+        if ready.await.is_err() {
+            serving.await.expect("the node task panicked")?;
+            anyhow::bail!("the node stopped before it served");
+        }
         Ok(TestNode {
             topology,
             modules_dir,
@@ -130,7 +138,7 @@ impl TestNode {
             files: Vec::new(),
             config: NodeConfig {
                 exchange: unique("node"),
-                ..NodeConfig::new(amqp_url(), "")
+                ..NodeConfig::new(brokers(), "")
             },
         }
     }
@@ -159,7 +167,7 @@ impl TestNode {
     }
 
     pub async fn client(&self) -> Client {
-        Client::connect(&amqp_url(), self.exchange())
+        Client::connect(&brokers(), self.exchange())
             .await
             .expect("the client failed to connect")
     }

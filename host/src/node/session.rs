@@ -1,0 +1,360 @@
+//! One broker session: everything a node holds on the broker while it is
+//! connected (the connection, the consuming channel, one subscription per
+//! module, the shared `unrouted` queue and its own control queue) and the
+//! loop that serves them, handing each delivery to [`crate::request`] as a
+//! task of its own.
+//!
+//! A session fails as a whole: when its connection or its consuming channel
+//! fails, every subscription goes with it, the broker returns what the
+//! session held unacked to the queues, and the node opens a new session that
+//! declares everything again. Requests still running for a lost session are
+//! dropped: they can no longer be acked, and the broker hands them out again.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use lapin::message::Delivery;
+use lapin::options::BasicQosOptions;
+use lapin::{Channel, Connection};
+use tokio::sync::mpsc;
+use tokio_stream::{Stream, StreamExt as _, StreamMap};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::subscriptions::{self, Subscriptions};
+use super::{Shared, control};
+use crate::amqp::{self, Brokers};
+use crate::names::ModuleName;
+use crate::registry::Update;
+use crate::request::{self, Context};
+
+/// Where a delivery came from.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub(super) enum Source {
+    Module(ModuleName),
+    Unrouted,
+    Control,
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Source::Module(name) => write!(f, "module {name}"),
+            Source::Unrouted => f.write_str("the unrouted queue"),
+            Source::Control => f.write_str("the control queue"),
+        }
+    }
+}
+
+/// A subscription's deliveries, then `None` once when it has ended (the
+/// broker confirmed our cancel, or cancelled it itself), so the node learns
+/// of the end; a `StreamMap` would drop the stream silently.
+pub(super) type Deliveries = Pin<Box<dyn Stream<Item = Option<lapin::Result<Delivery>>> + Send>>;
+
+/// Why a session could not open.
+#[derive(Debug)]
+pub(super) enum OpenError {
+    /// The broker is away, or went away meanwhile: try again.
+    Transient(anyhow::Error),
+    /// The broker refused this node's configuration: trying again cannot help.
+    Permanent(anyhow::Error),
+}
+
+impl OpenError {
+    pub fn cause(&self) -> &anyhow::Error {
+        match self {
+            OpenError::Transient(error) | OpenError::Permanent(error) => error,
+        }
+    }
+
+    pub fn into_cause(self) -> anyhow::Error {
+        match self {
+            OpenError::Transient(error) | OpenError::Permanent(error) => error,
+        }
+    }
+
+    fn classify(error: anyhow::Error) -> OpenError {
+        if amqp::lapin_cause(&error).is_some_and(amqp::is_refusal) {
+            OpenError::Permanent(error)
+        } else {
+            OpenError::Transient(error)
+        }
+    }
+}
+
+/// How a session's serving ended.
+pub(super) enum Ended {
+    /// The node's shutdown signal came.
+    Shutdown,
+    /// The connection or the consuming channel failed.
+    Lost(anyhow::Error),
+}
+
+pub(super) struct Session {
+    /// Counts the node's sessions, from 1.
+    pub number: u64,
+    /// Which of the node's brokers it is connected to.
+    pub broker: usize,
+    shared: Arc<Shared>,
+    connection: Arc<Connection>,
+    consume: Channel,
+    deliveries: StreamMap<Source, Deliveries>,
+    subscriptions: Subscriptions,
+    /// What this session's request tasks get.
+    context: Arc<Context>,
+}
+
+impl Session {
+    /// Connects to the first of `brokers` that answers, starting with the
+    /// `first`th, declares the topology and subscribes to every module in the
+    /// registry. When this returns, requests published to the exchange reach
+    /// this node.
+    pub async fn open(
+        shared: &Arc<Shared>,
+        brokers: &Brokers,
+        first: usize,
+        number: u64,
+    ) -> Result<Session, OpenError> {
+        let (connection, broker) = brokers
+            .connect(first, &format!("wasmrpc node {}", shared.id))
+            .await
+            .map_err(|error| {
+                let permanent = error.is_permanent();
+                let error = anyhow::Error::new(error);
+                if permanent {
+                    OpenError::Permanent(error)
+                } else {
+                    OpenError::Transient(error)
+                }
+            })?;
+        let connection = Arc::new(connection);
+        match Session::subscribe(shared, &connection, number, broker).await {
+            Ok(session) => {
+                tracing::info!(
+                    node = %shared.id,
+                    session = number,
+                    broker = %brokers.get(broker),
+                    exchange = %shared.topology.exchange(),
+                    modules = ?shared.registry.names().iter().map(ModuleName::as_str).collect::<Vec<_>>(),
+                    concurrency = shared.concurrency,
+                    prefetch = shared.prefetch,
+                    "node ready"
+                );
+                Ok(session)
+            }
+            Err(error) => {
+                let _ = connection
+                    .close(200, "failed to open a session".into())
+                    .await;
+                Err(OpenError::classify(error))
+            }
+        }
+    }
+
+    async fn subscribe(
+        shared: &Arc<Shared>,
+        connection: &Arc<Connection>,
+        number: u64,
+        broker: usize,
+    ) -> anyhow::Result<Session> {
+        let consume = connection
+            .create_channel()
+            .await
+            .context("failed to open a channel")?;
+        consume
+            .basic_qos(shared.prefetch, BasicQosOptions::default())
+            .await
+            .context("failed to set the prefetch")?;
+        let topology = &shared.topology;
+        amqp::declare_exchanges(&consume, topology).await?;
+
+        let mut deliveries = StreamMap::new();
+        let mut subscriptions =
+            Subscriptions::new(&shared.id, topology.clone(), shared.delivery_limit);
+        let unrouted = topology.unrouted_queue();
+        deliveries.insert(
+            Source::Unrouted,
+            subscriptions
+                .consume(&consume, &unrouted, "unrouted", false)
+                .await?,
+        );
+        let control = amqp::declare_control_queue(&consume, topology).await?;
+        deliveries.insert(
+            Source::Control,
+            subscriptions
+                .consume(&consume, &control, "control", true)
+                .await?,
+        );
+        for name in shared.registry.names() {
+            let stream = subscriptions.subscribe(connection, &consume, &name).await?;
+            deliveries.insert(Source::Module(name), stream);
+        }
+        let context = Arc::new(Context {
+            replies: shared.replies.clone(),
+            stats: shared.stats.clone(),
+            slots: shared.slots.clone(),
+            delivery_limit: shared.delivery_limit,
+            dead_queue: topology.dead_queue(),
+            stopping: shared.stopping.clone(),
+            lost: CancellationToken::new(),
+        });
+        Ok(Session {
+            number,
+            broker,
+            shared: shared.clone(),
+            connection: connection.clone(),
+            consume,
+            deliveries,
+            subscriptions,
+            context,
+        })
+    }
+
+    /// Serves deliveries and follows registry updates until `shutdown`
+    /// completes or the session fails.
+    pub async fn serve(
+        &mut self,
+        updates: &mut mpsc::UnboundedReceiver<Update>,
+        shutdown: &mut Pin<&mut impl Future<Output = ()>>,
+        tasks: &TaskTracker,
+    ) -> Ended {
+        loop {
+            tokio::select! {
+                biased;
+                () = shutdown.as_mut() => return Ended::Shutdown,
+                Some(update) = updates.recv() => self.follow(update, tasks).await,
+                next = self.deliveries.next() => match next {
+                    Some((source, Some(Ok(delivery)))) => self.dispatch(source, delivery, tasks).await,
+                    Some((source, Some(Err(error)))) => {
+                        // lapin's error already names its cause: don't chain it.
+                        return Ended::Lost(anyhow::anyhow!("consuming {source} failed: {error}"));
+                    }
+                    Some((Source::Module(name), None)) => self.ended(name, tasks).await,
+                    Some((source, None)) => {
+                        return Ended::Lost(anyhow::anyhow!("the broker cancelled the subscription to {source}"));
+                    }
+                    None => return Ended::Lost(anyhow::anyhow!("no subscriptions left")),
+                },
+            }
+        }
+    }
+
+    /// Warm shutdown: stop consuming, let the requests in flight finish and
+    /// answer, give back what was prefetched but not started, close.
+    pub async fn stop(mut self, tasks: &TaskTracker) {
+        let in_flight = tasks.len();
+        tracing::info!(node = %self.shared.id, in_flight, "shutting down: no new requests, finishing those in flight");
+        self.subscriptions.cancel_all(&self.consume).await;
+        // Requests still waiting for a slot go back to their queue at once
+        // rather than running during shutdown.
+        self.shared.stopping.cancel();
+        tasks.close();
+        tasks.wait().await;
+        // Closing the channel returns anything prefetched but never handled.
+        let _ = self.consume.close(200, "node shutting down".into()).await;
+        let _ = self
+            .connection
+            .close(200, "node shutting down".into())
+            .await;
+    }
+
+    /// The session is lost: its request tasks stop where they are (the
+    /// broker hands their requests out again), and what is left of its
+    /// connection is closed.
+    pub fn abandon(self) {
+        self.context.lost.cancel();
+        let connection = self.connection;
+        tokio::spawn(async move {
+            let close = connection.close(200, "session lost".into());
+            let _ = tokio::time::timeout(Duration::from_secs(5), close).await;
+        });
+    }
+
+    async fn dispatch(&mut self, source: Source, delivery: Delivery, tasks: &TaskTracker) {
+        let context = self.context.clone();
+        match source {
+            Source::Unrouted => {
+                tasks.spawn(request::handle(
+                    context,
+                    request::Target::Unrouted,
+                    delivery,
+                ));
+            }
+            Source::Control => {
+                tasks.spawn(control::answer(self.shared.clone(), context, delivery));
+            }
+            // The version that serves a request is the one served when it arrives.
+            Source::Module(name) => match self.shared.registry.get(&name) {
+                Some(module) => {
+                    tasks.spawn(request::handle(
+                        context,
+                        request::Target::Module(module),
+                        delivery,
+                    ));
+                }
+                // Left in a subscription being cancelled: the queue hands it to
+                // another node, or the last node out answers it. Returned here,
+                // not in a task, so that it is back before the subscription's
+                // end can set the last node's clean-up going.
+                None => request::give_back(&context, &delivery).await,
+            },
+        }
+    }
+
+    /// Follows a change the loader made to the registry.
+    async fn follow(&mut self, update: Update, tasks: &TaskTracker) {
+        match update {
+            Update::Added(name) => {
+                match self
+                    .subscriptions
+                    .added(&self.connection, &self.consume, &name)
+                    .await
+                {
+                    Ok(Some(stream)) => {
+                        self.deliveries.insert(Source::Module(name), stream);
+                    }
+                    Ok(None) => {}
+                    Err(error) => {
+                        tracing::error!(module = %name, "cannot serve the module: {error:#}")
+                    }
+                }
+            }
+            Update::Replaced(_) => {}
+            Update::Removed(name) => {
+                self.subscriptions.removed(&self.consume, &name).await;
+                // If the subscription is already gone (it never started), retire now.
+                if !self.deliveries.contains_key(&Source::Module(name.clone())) {
+                    self.ended(name, tasks).await;
+                }
+            }
+        }
+    }
+
+    /// A module's subscription has ended: subscribe again if the module came
+    /// back meanwhile, else let its queue go if no node serves it any more.
+    async fn ended(&mut self, name: ModuleName, tasks: &TaskTracker) {
+        self.deliveries.remove(&Source::Module(name.clone()));
+        match self
+            .subscriptions
+            .ended(&self.connection, &self.consume, &name)
+            .await
+        {
+            Ok(subscriptions::Ended::Resubscribed(stream)) => {
+                self.deliveries.insert(Source::Module(name), stream);
+            }
+            Ok(subscriptions::Ended::Retire) => {
+                tasks.spawn(subscriptions::retire(
+                    self.connection.clone(),
+                    self.context.clone(),
+                    self.shared.topology.clone(),
+                    name,
+                ));
+            }
+            Err(error) => tracing::error!(module = %name, "cannot serve the module: {error:#}"),
+        }
+    }
+}

@@ -1,0 +1,338 @@
+//! The reply path: every reply a node sends goes out on a connection of its
+//! own, with publisher confirms, so that whatever the broker does over a
+//! reply (refuse it, close the channel or the whole connection) never takes
+//! the subscriptions with it. The path reopens by itself on the next reply.
+//!
+//! When the broker closes the path, every reply then in flight fails with it,
+//! though only one of them caused it. So each failed reply is sent again
+//! *alone* (no other reply in flight on the path): one the broker refuses
+//! even then is the culprit, and is reported as [`ReplyError::Refused`] so
+//! that its request can be set aside; the others go through.
+//!
+//! The broker refuses messages larger than its `max_message_size` by
+//! closing the channel. The path knows that size (configured, or learned
+//! from the first refusal) and answers [`ReplyError::TooLarge`] before
+//! sending anything larger.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+use lapin::{BasicProperties, Channel, Connection};
+use tokio::sync::{Mutex, RwLock};
+use tokio_util::sync::CancellationToken;
+
+use crate::amqp::{self, Brokers};
+
+/// Why a reply did not go out.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReplyError {
+    /// Larger than the broker accepts; nothing was sent.
+    #[error("the reply of {size} bytes is larger than the broker accepts ({limit} bytes)")]
+    TooLarge { size: usize, limit: usize },
+    /// The broker refused this very reply (it closed the path over it even
+    /// when it was the only reply in flight, or nacked it). Sending it again
+    /// would fail the same way.
+    #[error("the broker refused the reply: {0}")]
+    Refused(String),
+    /// The path could not be opened or failed for reasons not this reply's:
+    /// it may go out later.
+    #[error("the reply path is unavailable: {0}")]
+    Unavailable(String),
+    /// The caller stopped waiting (its session was lost).
+    #[error("abandoned")]
+    Abandoned,
+}
+
+/// After the path fails to open, replies fail at once for this long rather
+/// than each trying every broker again.
+const REOPEN_PAUSE: Duration = Duration::from_millis(500);
+
+/// The reply path of one node.
+pub struct Replies {
+    brokers: Brokers,
+    connection_name: String,
+    path: Mutex<Path>,
+    /// Replies in flight hold it shared; a reply sent alone holds it exclusively.
+    gate: RwLock<()>,
+    /// The largest message body the broker accepts.
+    max_message: AtomicUsize,
+}
+
+#[derive(Default)]
+struct Path {
+    connection: Option<Connection>,
+    channel: Option<(Channel, u64)>,
+    /// Counts the channels opened, so a failure only closes the one it saw.
+    generation: u64,
+    /// Which broker to try first.
+    broker: usize,
+    /// When the path last failed to open, and why.
+    failed: Option<(Instant, String)>,
+}
+
+/// Why one attempt to send failed.
+enum Failure {
+    /// The path could not be opened.
+    Open(String),
+    /// The broker nacked the reply.
+    Nacked,
+    /// Publishing or confirming failed on the channel of this generation.
+    Failed(lapin::Error, u64),
+}
+
+impl Replies {
+    /// A reply path to the first of `brokers` that answers, opened on the
+    /// first reply. `max_message` is the broker's `max_message_size`.
+    pub fn new(brokers: Brokers, connection_name: String, max_message: usize) -> Replies {
+        Replies {
+            brokers,
+            connection_name,
+            path: Mutex::default(),
+            gate: RwLock::new(()),
+            max_message: AtomicUsize::new(max_message),
+        }
+    }
+
+    /// The largest reply body the broker accepts, as far as this node knows.
+    pub fn max_message(&self) -> usize {
+        self.max_message.load(Ordering::Relaxed)
+    }
+
+    /// Publishes a reply through the default exchange to `reply_to` and waits
+    /// for the broker's confirm. Gives up with [`ReplyError::Abandoned`] as
+    /// soon as `abandon` is cancelled.
+    pub async fn send(
+        &self,
+        reply_to: &str,
+        properties: BasicProperties,
+        body: &[u8],
+        abandon: &CancellationToken,
+    ) -> Result<(), ReplyError> {
+        let limit = self.max_message();
+        if body.len() > limit {
+            return Err(ReplyError::TooLarge {
+                size: body.len(),
+                limit,
+            });
+        }
+        let first = {
+            let _shared = abandon
+                .run_until_cancelled(self.gate.read())
+                .await
+                .ok_or(ReplyError::Abandoned)?;
+            abandon
+                .run_until_cancelled(self.attempt(reply_to, &properties, body))
+                .await
+                .ok_or(ReplyError::Abandoned)?
+        };
+        let generation = match first {
+            Ok(()) => return Ok(()),
+            Err(Failure::Open(why)) => return Err(ReplyError::Unavailable(why)),
+            Err(Failure::Nacked) => return Err(nacked()),
+            Err(Failure::Failed(error, generation)) => {
+                tracing::debug!(%reply_to, "reply failed, sending it again alone: {error}");
+                generation
+            }
+        };
+        self.forget(generation).await;
+        let _alone = abandon
+            .run_until_cancelled(self.gate.write())
+            .await
+            .ok_or(ReplyError::Abandoned)?;
+        let alone = abandon
+            .run_until_cancelled(self.attempt(reply_to, &properties, body))
+            .await
+            .ok_or(ReplyError::Abandoned)?;
+        match alone {
+            Ok(()) => Ok(()),
+            Err(Failure::Open(why)) => Err(ReplyError::Unavailable(why)),
+            Err(Failure::Nacked) => Err(nacked()),
+            Err(Failure::Failed(error, generation)) => {
+                self.forget(generation).await;
+                if !amqp::is_broker_objection(&error) {
+                    return Err(ReplyError::Unavailable(error.to_string()));
+                }
+                if let Some(limit) = size_limit(&error) {
+                    self.learn_max_message(limit);
+                    return Err(ReplyError::TooLarge {
+                        size: body.len(),
+                        limit,
+                    });
+                }
+                Err(ReplyError::Refused(error.to_string()))
+            }
+        }
+    }
+
+    /// Closes the path, for shutdown.
+    pub async fn close(&self) {
+        let mut path = self.path.lock().await;
+        if let Some((channel, _)) = path.channel.take() {
+            let _ = channel.close(200, "node shutting down".into()).await;
+        }
+        if let Some(connection) = path.connection.take() {
+            let _ = connection.close(200, "node shutting down".into()).await;
+        }
+    }
+
+    async fn attempt(
+        &self,
+        reply_to: &str,
+        properties: &BasicProperties,
+        body: &[u8],
+    ) -> Result<(), Failure> {
+        let (channel, generation) = self.channel().await.map_err(Failure::Open)?;
+        let confirm = channel
+            .basic_publish(
+                "".into(),
+                reply_to.into(),
+                BasicPublishOptions::default(),
+                body,
+                properties.clone(),
+            )
+            .await;
+        let confirmation = match confirm {
+            Ok(confirm) => confirm.await,
+            Err(error) => Err(error),
+        };
+        match confirmation {
+            Ok(confirmation) if confirmation.is_ack() => Ok(()),
+            Ok(_) => Err(Failure::Nacked),
+            Err(error) => Err(Failure::Failed(error, generation)),
+        }
+    }
+
+    /// The open channel, opening one (and a connection, if need be) first.
+    async fn channel(&self) -> Result<(Channel, u64), String> {
+        let mut path = self.path.lock().await;
+        if let Some((channel, generation)) = &path.channel {
+            if channel.status().connected() {
+                return Ok((channel.clone(), *generation));
+            }
+            path.channel = None;
+        }
+        if let Some((when, why)) = &path.failed
+            && when.elapsed() < REOPEN_PAUSE
+        {
+            return Err(why.clone());
+        }
+        match self.open(&mut path).await {
+            Ok(channel) => {
+                path.failed = None;
+                path.generation += 1;
+                let generation = path.generation;
+                path.channel = Some((channel.clone(), generation));
+                Ok((channel, generation))
+            }
+            Err(why) => {
+                path.failed = Some((Instant::now(), why.clone()));
+                Err(why)
+            }
+        }
+    }
+
+    async fn open(&self, path: &mut Path) -> Result<Channel, String> {
+        let connected = path
+            .connection
+            .as_ref()
+            .is_some_and(|connection| connection.status().connected());
+        if !connected {
+            let (connection, broker) = self
+                .brokers
+                .connect(path.broker, &self.connection_name)
+                .await
+                .map_err(|error| error.to_string())?;
+            if path.connection.is_some() {
+                tracing::info!(broker = %self.brokers.get(broker), "reply path reopened");
+            }
+            path.connection = Some(connection);
+            path.broker = broker;
+        }
+        let connection = path.connection.as_ref().expect("connected above");
+        let channel = connection
+            .create_channel()
+            .await
+            .map_err(|error| format!("failed to open a channel for replies: {error}"))?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(|error| format!("failed to enable publisher confirms: {error}"))?;
+        Ok(channel)
+    }
+
+    /// Drops the channel of `generation` if it is still the current one; the
+    /// next reply opens another.
+    async fn forget(&self, generation: u64) {
+        let mut path = self.path.lock().await;
+        if path
+            .channel
+            .as_ref()
+            .is_some_and(|(_, current)| *current == generation)
+        {
+            path.channel = None;
+        }
+        if let Some(connection) = &path.connection
+            && !connection.status().connected()
+        {
+            path.connection = None;
+        }
+    }
+
+    fn learn_max_message(&self, limit: usize) {
+        let before = self.max_message.fetch_min(limit, Ordering::Relaxed);
+        if limit < before {
+            tracing::warn!(
+                "the broker accepts messages of at most {limit} bytes, less than the \
+                 {before} this node was told (--max-message-size): larger replies are \
+                 answered too_large from now on"
+            );
+        }
+    }
+}
+
+fn nacked() -> ReplyError {
+    ReplyError::Refused("the broker nacked it (is the reply queue full?)".into())
+}
+
+/// The broker's message size limit, if `error` is its refusal of a message
+/// over it: `PRECONDITION_FAILED - message size 3145728 is larger than
+/// configured max size 2097152`.
+fn size_limit(error: &lapin::Error) -> Option<usize> {
+    let lapin::ErrorKind::ProtocolError(amqp) = error.kind() else {
+        return None;
+    };
+    if !matches!(
+        amqp.kind(),
+        AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED)
+    ) {
+        return None;
+    }
+    parse_size_limit(amqp.get_message().as_str())
+}
+
+fn parse_size_limit(message: &str) -> Option<usize> {
+    let (_, rest) = message.split_once("larger than configured max size ")?;
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size_limit;
+
+    #[test]
+    fn the_broker_says_its_message_size_limit_when_it_refuses_a_message() {
+        assert_eq!(
+            parse_size_limit(
+                "PRECONDITION_FAILED - message size 3145728 is larger than configured max size 2097152"
+            ),
+            Some(2_097_152)
+        );
+        assert_eq!(
+            parse_size_limit("PRECONDITION_FAILED - unknown delivery tag 1"),
+            None
+        );
+    }
+}
