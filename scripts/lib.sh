@@ -33,6 +33,17 @@ broker_answers() {
     timeout 2 bash -c "exec 3<>/dev/tcp/$host/$port" 2>/dev/null
 }
 
+# RabbitMQ's server on this machine (Debian's package), installed if need be.
+ensure_rabbitmq_installed() {
+    command -v rabbitmq-server >/dev/null && return 0
+    say "$1: installing Debian's rabbitmq-server"
+    local sudo=""
+    [[ $(id -u) -eq 0 ]] || sudo="sudo"
+    command -v apt-get >/dev/null || die "cannot install RabbitMQ here (no apt-get): install rabbitmq-server yourself"
+    $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq rabbitmq-server >/dev/null \
+        || die "failed to install rabbitmq-server"
+}
+
 # A broker that answers on AMQP_URL: the one running, or a local RabbitMQ
 # started (and if need be installed from Debian's packages) here.
 ensure_broker() {
@@ -43,14 +54,7 @@ ensure_broker() {
         127.0.0.1 | localhost | ::1) ;;
         *) die "no broker answers at $host:$port (AMQP_URL=$AMQP_URL); start it, or unset AMQP_URL to use a local one" ;;
     esac
-    if ! command -v rabbitmq-server >/dev/null; then
-        say "no broker on $host:$port and RabbitMQ is not installed: installing Debian's rabbitmq-server"
-        local sudo=""
-        [[ $(id -u) -eq 0 ]] || sudo="sudo"
-        command -v apt-get >/dev/null || die "cannot install RabbitMQ here (no apt-get): start a broker and set AMQP_URL"
-        $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq rabbitmq-server >/dev/null \
-            || die "failed to install rabbitmq-server"
-    fi
+    ensure_rabbitmq_installed "no broker on $host:$port and RabbitMQ is not installed"
     say "starting RabbitMQ on $host:$port"
     if [[ $(id -u) -eq 0 ]]; then
         rabbitmq-server -detached >/dev/null 2>&1 || true

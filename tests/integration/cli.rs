@@ -115,6 +115,68 @@ async fn a_broker_that_cannot_be_reached_is_named_and_exits_4() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn call_tries_each_broker_of_a_list_in_turn() {
+    let node = TestNode::start(&["fib"]).await;
+    let mut command = wasmrpc(node.exchange(), &["call", "fib", "20"]);
+    command.env("AMQP_URL", format!("amqp://127.0.0.1:1/%2f,{}", amqp_url()));
+    let output = run(command).await;
+    assert_eq!(
+        (output.status.code(), text(&output.stdout)),
+        (Some(0), "6765\n".to_owned()),
+        "stderr: {}",
+        text(&output.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_malformed_broker_url_is_refused_at_once_with_exit_2() {
+    let modules = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        crate::support::guests::wasm("fib"),
+        modules.path().join("fib.wasm"),
+    )
+    .unwrap();
+    for args in [
+        vec!["serve", "--modules", modules.path().to_str().unwrap()],
+        vec!["call", "fib", "1"],
+    ] {
+        let mut command = wasmrpc("wasmrpc", &args);
+        command.env("AMQP_URL", "amqp://127.0.0.1:5672/%2f,rabbit:5672");
+        let output = run(command).await;
+        let stderr = text(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains("\"rabbit:5672\""), "{stderr}");
+        // Refused before any module is compiled.
+        assert!(!stderr.contains("loaded"), "{stderr}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_the_broker_refuses_for_good_says_why_and_exits_1() {
+    let modules = tempfile::tempdir().unwrap();
+    let mut url = url::Url::parse(&amqp_url()).unwrap();
+    url.set_username("wasmrpc-nobody").unwrap();
+    url.set_password(Some("wrong")).unwrap();
+    let mut command = wasmrpc("wasmrpc", &["serve", "--modules"]);
+    command
+        .arg(modules.path())
+        .env("AMQP_URL", url.as_str())
+        .env("RUST_LOG", "off");
+    let output = run(command).await;
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.starts_with("error: the broker refused this node's configuration: "),
+        "{stderr}"
+    );
+    assert!(stderr.contains("ACCESS_REFUSED"), "{stderr}");
+    assert!(
+        stderr.contains("wasmrpc-nobody:***@"),
+        "the password is hidden: {stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn an_exchange_no_node_declared_is_named_and_exits_4() {
     let exchange = unique("absent");
     let output = run(wasmrpc(&exchange, &["call", "fib", "1"])).await;
@@ -159,6 +221,7 @@ async fn ping_and_modules_list_the_live_nodes_and_what_they_serve() {
     for n in ["1", "2", "3"] {
         assert_eq!(first.call("fib", n).await.error, None);
     }
+    crate::support::node::answered(&[&first, &second], 3).await;
 
     let output = run(wasmrpc(&exchange, &["ping", "--wait", "500ms"])).await;
     assert_eq!(

@@ -116,15 +116,12 @@ async fn node_memory_returns_to_its_baseline_after_1000_hostile_calls() {
         &exchange,
         &["forever", "bomb", "recurse", "panic", "flood", "escape"],
     );
-    let node = Spawn {
-        guests: &["forever", "bomb", "recurse", "panic", "flood", "escape"],
-        files: &[
-            ("forever.toml", "[limits]\ntime = \"20ms\"\n"),
-            ("bomb.toml", "[limits]\nmemory = \"32MiB\"\n"),
-        ],
-        exchange: exchange.clone(),
-        env: &[],
-    }
+    let node = Spawn::new(
+        &exchange,
+        &["forever", "bomb", "recurse", "panic", "flood", "escape"],
+    )
+    .file("forever.toml", "[limits]\ntime = \"20ms\"\n")
+    .file("bomb.toml", "[limits]\nmemory = \"32MiB\"\n")
     .start()
     .await;
     let client = std::sync::Arc::new(Client::connect(&brokers(), &exchange).await.unwrap());

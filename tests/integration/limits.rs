@@ -107,6 +107,26 @@ async fn the_operators_limits_apply_where_no_manifest_speaks() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn no_reply_limit_is_above_what_the_broker_accepts() {
+    // The operator says the broker takes messages of 64 KiB at most: the
+    // node's own reply limit and a manifest's larger one are both held to it.
+    let node = TestNode::setup(&["flood", "fib"])
+        .manifest("flood", "[limits]\nreply = \"1MiB\"\n")
+        .config(|config| config.max_message = 64 << 10)
+        .start()
+        .await;
+    let mut client = RawClient::connect().await;
+    let reply = client.call(node.exchange(), "flood", b"65537").await;
+    assert_eq!(error_header(&reply).as_deref(), Some("too_large"));
+    assert_eq!(
+        body(&reply),
+        "flood: reply of 65537 bytes is over the limit of 64 KiB"
+    );
+    let reply = client.call(node.exchange(), "flood", b"65536").await;
+    assert_eq!((error_header(&reply), reply.data.len()), (None, 65536));
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_timeout_is_answered_within_100_ms_of_the_limit() {
     let node = TestNode::setup(&["forever"])
         .manifest("forever", "[limits]\ntime = \"300ms\"\n")

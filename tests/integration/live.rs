@@ -317,12 +317,7 @@ async fn removing_a_module_from_one_node_leaves_it_to_the_others() {
     }
     // A call counts once the node has the broker's confirm of its reply,
     // which may come a moment after the caller has the reply.
-    let mut answered = second.stats.answered();
-    let counted = |_: &u64| second.stats.calls(&fib).answered >= before.1 + 30;
-    tokio::time::timeout(Duration::from_secs(10), answered.wait_for(counted))
-        .await
-        .expect("the second node never counted the 30 calls")
-        .unwrap();
+    crate::support::node::answered(&[&second], before.1 + 30).await;
     assert_eq!(second.stats.calls(&fib).answered, before.1 + 30);
     assert_eq!(
         first.stats.calls(&fib).answered,

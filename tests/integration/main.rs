@@ -10,6 +10,7 @@ mod bundled;
 mod cache;
 mod cli;
 mod contract;
+mod faults;
 mod fib;
 mod fuzz;
 mod hostile;

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use lapin::options::BasicGetOptions;
-use lapin::types::{AMQPValue, ShortString};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
 use wasmrpc::wire::Topology;
 
 use crate::support::node::Cleanup;
@@ -14,14 +14,10 @@ use crate::support::raw::{RawClient, body, correlation_id, error_header};
 use crate::support::{TestNode, unique};
 
 async fn start_node(exchange: &str) -> NodeProcess {
-    Spawn {
-        guests: &["spin"],
-        files: &[],
-        exchange: exchange.to_owned(),
-        env: &[("WASMRPC_DELIVERY_LIMIT", "2")],
-    }
-    .start()
-    .await
+    Spawn::new(exchange, &["spin"])
+        .env("WASMRPC_DELIVERY_LIMIT", "2")
+        .start()
+        .await
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -114,5 +110,28 @@ async fn nodes_that_disagree_on_the_delivery_limit_say_so() {
     assert!(
         error.contains("must use the same --delivery-limit"),
         "{error}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_delivery_count_sent_by_the_caller_is_not_believed() {
+    // RabbitMQ 3.10 leaves a caller's own x-delivery-count on a first
+    // delivery; only the broker's count on a redelivery may make it poison.
+    let node = TestNode::start(&["fib"]).await;
+    let mut client = RawClient::connect().await;
+    let mut headers = FieldTable::default();
+    headers.insert("x-delivery-count".into(), AMQPValue::LongLongInt(99));
+    let properties = client.request("forged").with_headers(headers);
+    client
+        .publish(node.exchange(), "fib", b"10", properties)
+        .await;
+    let reply = client
+        .next_reply(Duration::from_secs(10))
+        .await
+        .expect("no reply");
+    assert_eq!(correlation_id(&reply), Some("forged"));
+    assert_eq!(
+        (error_header(&reply), body(&reply)),
+        (None, "55".to_owned())
     );
 }

@@ -16,15 +16,14 @@ async fn spawn(
     exchange: &str,
     env: &'static [(&'static str, &'static str)],
 ) -> NodeProcess {
-    let exchange = exchange.to_owned();
-    Spawn {
-        guests,
-        files,
-        exchange,
-        env,
+    let mut spawn = Spawn::new(exchange, guests);
+    for (name, contents) in files {
+        spawn = spawn.file(name, contents);
     }
-    .start()
-    .await
+    for (name, value) in env {
+        spawn = spawn.env(name, value);
+    }
+    spawn.start().await
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -1,11 +1,14 @@
 //! What every integration test needs: the guests built from source, a real
 //! node on the real broker under names no other test uses, and oracles.
 
+pub mod broker;
 pub mod guests;
 pub mod node;
 pub mod oracle;
 pub mod process;
+pub mod proxy;
 pub mod raw;
+pub mod stream;
 
 pub use self::node::TestNode;
 

@@ -264,3 +264,24 @@ async fn delete_topology(topology: &Topology, modules: &[ModuleName]) {
     }
     let _ = connection.close(200, "test done".into()).await;
 }
+
+/// Waits until `nodes` have counted `calls` answered calls between them. A
+/// node counts a call once the broker has confirmed its reply, which may be
+/// a moment after the caller got it.
+pub async fn answered(nodes: &[&TestNode], calls: u64) {
+    let started = std::time::Instant::now();
+    let total = || -> u64 {
+        nodes
+            .iter()
+            .map(|node| *node.stats.answered().borrow())
+            .sum()
+    };
+    while total() < calls {
+        assert!(
+            started.elapsed() < REPLY_TIMEOUT,
+            "the nodes counted {} calls, not {calls}",
+            total()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}

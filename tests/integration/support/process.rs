@@ -1,5 +1,5 @@
 //! The `wasmrpc` binary as a separate process, for what only a process can
-//! show: signals, being killed, its own memory use.
+//! show: signals, being killed, its own memory use, riding through faults.
 
 use std::io::{BufRead as _, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -10,6 +10,9 @@ use tempfile::TempDir;
 
 use super::{amqp_url, guests};
 
+/// How long a node may take to log what a test waits for, by default.
+const LINE_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// A running `wasmrpc serve` and the lines of its log.
 pub struct NodeProcess {
     pub child: Child,
@@ -18,31 +21,71 @@ pub struct NodeProcess {
     _modules: TempDir,
 }
 
-/// The pieces of a node process: its modules and its settings.
+/// The pieces of a node process: its modules, its broker and its settings.
+#[derive(Clone)]
 pub struct Spawn {
-    pub guests: &'static [&'static str],
-    pub files: &'static [(&'static str, &'static str)],
-    pub exchange: String,
-    pub env: &'static [(&'static str, &'static str)],
+    guests: Vec<String>,
+    files: Vec<(String, String)>,
+    exchange: String,
+    env: Vec<(String, String)>,
 }
 
 impl Spawn {
+    /// A node on `exchange` of the tests' broker, serving `guests`.
+    pub fn new(exchange: &str, guests: &[&str]) -> Spawn {
+        Spawn {
+            guests: guests.iter().map(|name| name.to_string()).collect(),
+            files: Vec::new(),
+            exchange: exchange.to_owned(),
+            env: vec![("AMQP_URL".into(), amqp_url())],
+        }
+    }
+
+    /// Adds a file to its modules directory (a manifest, say).
+    pub fn file(mut self, name: &str, contents: &str) -> Spawn {
+        self.files.push((name.into(), contents.into()));
+        self
+    }
+
+    /// Sets an environment variable of the node.
+    pub fn env(mut self, name: &str, value: &str) -> Spawn {
+        self.env.retain(|(key, _)| key != name);
+        self.env.push((name.into(), value.into()));
+        self
+    }
+
+    /// Connects it to the broker(s) at `url` (comma-separated for several).
+    pub fn url(self, url: &str) -> Spawn {
+        self.env("AMQP_URL", url)
+    }
+
     /// Starts the node in a new modules directory and waits, off the async
-    /// runtime, until it is ready.
+    /// runtime, until it serves.
     pub async fn start(self) -> NodeProcess {
+        let node = self.launch().await;
+        tokio::task::spawn_blocking(move || {
+            node.wait_for_line("node ready");
+            node
+        })
+        .await
+        .unwrap()
+    }
+
+    /// Starts the node without waiting for anything.
+    pub async fn launch(self) -> NodeProcess {
         tokio::task::spawn_blocking(move || {
             let modules = tempfile::tempdir().unwrap();
-            for name in self.guests {
+            for name in &self.guests {
                 std::fs::copy(
                     guests::wasm(name),
                     modules.path().join(format!("{name}.wasm")),
                 )
                 .unwrap();
             }
-            for (name, contents) in self.files {
+            for (name, contents) in &self.files {
                 std::fs::write(modules.path().join(name), contents).unwrap();
             }
-            NodeProcess::start_in(modules, &self.exchange, self.env)
+            NodeProcess::launch_in(modules, &self.exchange, &self.env)
         })
         .await
         .unwrap()
@@ -50,15 +93,13 @@ impl Spawn {
 }
 
 impl NodeProcess {
-    /// Starts a node serving `modules` and waits until it is ready.
-    pub fn start_in(modules: TempDir, exchange: &str, env: &[(&str, &str)]) -> NodeProcess {
+    fn launch_in(modules: TempDir, exchange: &str, env: &[(String, String)]) -> NodeProcess {
         let mut child = Command::new(env!("CARGO_BIN_EXE_wasmrpc"))
             .args(["serve", "--modules"])
             .arg(modules.path())
-            .env("AMQP_URL", amqp_url())
             .env("WASMRPC_EXCHANGE", exchange)
-            .env("RUST_LOG", "info,wasmrpc::request=debug")
-            .envs(env.iter().copied())
+            .env("RUST_LOG", "info,wasmrpc::request=debug,lapin=off")
+            .envs(env.iter().map(|(key, value)| (key, value)))
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
@@ -72,24 +113,37 @@ impl NodeProcess {
                 }
             }
         });
-        let node = NodeProcess {
+        NodeProcess {
             child,
             log,
             _modules: modules,
-        };
-        node.wait_for_line("node ready");
-        node
+        }
     }
 
     /// Waits until the node logs a line containing `needle`, and returns it.
+    /// Blocking: call it off the async runtime.
     pub fn wait_for_line(&self, needle: &str) -> String {
+        self.wait_for_line_within(needle, LINE_TIMEOUT)
+    }
+
+    /// Like [`NodeProcess::wait_for_line`], within `timeout`.
+    pub fn wait_for_line_within(&self, needle: &str, timeout: Duration) -> String {
+        let deadline = std::time::Instant::now() + timeout;
         loop {
-            match self.log.recv_timeout(Duration::from_secs(30)) {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.log.recv_timeout(left) {
                 Ok(line) if line.contains(needle) => return line,
                 Ok(_) => continue,
-                Err(error) => panic!("the node never logged {needle:?}: {error}"),
+                Err(error) => {
+                    panic!("the node never logged {needle:?} within {timeout:?}: {error}")
+                }
             }
         }
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
     }
 
     pub fn signal(&self, signal: &str) {
