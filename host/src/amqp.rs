@@ -20,6 +20,10 @@ use crate::wire::{Topology, UNROUTED_TTL_MS};
 /// The default broker URL: a local RabbitMQ with its default vhost.
 pub const DEFAULT_URL: &str = "amqp://127.0.0.1:5672/%2f";
 
+/// The reply code of a channel the broker closed over a request that
+/// contradicts what exists (`inequivalent arg`), or a message it refuses.
+pub const PRECONDITION_FAILED: u16 = 406;
+
 /// How long to wait for the broker to accept a connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -256,77 +260,117 @@ pub fn lapin_cause(error: &anyhow::Error) -> Option<&lapin::Error> {
     error.chain().find_map(|cause| cause.downcast_ref())
 }
 
-/// Declares the exchange, its alternate exchange and the queue behind it.
-/// Every node declares the same, so the first one creates them and the others
-/// merely confirm they exist.
-pub async fn declare_exchanges(channel: &Channel, topology: &Topology) -> anyhow::Result<()> {
-    let durable = ExchangeDeclareOptions {
-        durable: true,
-        ..ExchangeDeclareOptions::default()
-    };
-    let unrouted = topology.unrouted_exchange();
-    channel
-        .exchange_declare(
-            unrouted.as_str().into(),
-            ExchangeKind::Fanout,
-            durable,
-            FieldTable::default(),
-        )
+/// Declares what every node of a deployment shares: the exchange, its
+/// alternate exchange and the `unrouted` queue behind it, the dead-letter
+/// exchange and queue, and the control exchange. Every node declares the
+/// same, so the first one creates them and the others merely confirm they
+/// exist. Declarations run on channels of their own: the broker closes the
+/// channel of one it refuses.
+pub async fn declare_topology(connection: &Connection, topology: &Topology) -> anyhow::Result<()> {
+    let channel = connection
+        .create_channel()
         .await
-        .with_context(|| format!("failed to declare exchange {unrouted:?}"))?;
+        .context("failed to open a channel")?;
+    let unrouted = topology.unrouted_exchange();
+    declare_exchange(
+        &channel,
+        &unrouted,
+        ExchangeKind::Fanout,
+        FieldTable::default(),
+    )
+    .await?;
     let mut arguments = FieldTable::default();
     arguments.insert("alternate-exchange".into(), string(&unrouted));
-    channel
-        .exchange_declare(
-            topology.exchange().into(),
-            ExchangeKind::Direct,
-            durable,
-            arguments,
-        )
-        .await
-        .with_context(|| format!("failed to declare exchange {:?}", topology.exchange()))?;
+    declare_exchange(
+        &channel,
+        topology.exchange(),
+        ExchangeKind::Direct,
+        arguments,
+    )
+    .await?;
+    let dead = topology.dead_exchange();
+    declare_exchange(&channel, &dead, ExchangeKind::Fanout, FieldTable::default()).await?;
+    let control = topology.control_exchange();
+    declare_exchange(
+        &channel,
+        &control,
+        ExchangeKind::Fanout,
+        FieldTable::default(),
+    )
+    .await?;
 
     let queue = topology.unrouted_queue();
     let mut arguments = FieldTable::default();
     arguments.insert("x-message-ttl".into(), AMQPValue::LongUInt(UNROUTED_TTL_MS));
-    declare_queue(channel, &queue, arguments).await?;
-    bind(channel, &queue, &unrouted, "").await?;
-
-    let dead = topology.dead_exchange();
-    channel
-        .exchange_declare(
-            dead.as_str().into(),
-            ExchangeKind::Fanout,
-            durable,
-            FieldTable::default(),
-        )
-        .await
-        .with_context(|| format!("failed to declare exchange {dead:?}"))?;
+    declare_replicated_queue(connection, &queue, arguments).await?;
+    bind(&channel, &queue, &unrouted, "").await?;
     let queue = topology.dead_queue();
-    declare_queue(channel, &queue, FieldTable::default()).await?;
-    bind(channel, &queue, &dead, "").await
+    declare_replicated_queue(connection, &queue, FieldTable::default()).await?;
+    bind(&channel, &queue, &dead, "").await?;
+    let _ = channel.close(200, "declared".into()).await;
+    Ok(())
 }
 
-/// Declares the control exchange and this node's own queue on it: a
-/// server-named queue that dies with the connection. Returns its name.
-pub async fn declare_control_queue(
+async fn declare_exchange(
     channel: &Channel,
-    topology: &Topology,
-) -> anyhow::Result<String> {
-    let exchange = topology.control_exchange();
+    exchange: &str,
+    kind: ExchangeKind,
+    arguments: FieldTable,
+) -> anyhow::Result<()> {
     let durable = ExchangeDeclareOptions {
         durable: true,
         ..ExchangeDeclareOptions::default()
     };
     channel
-        .exchange_declare(
-            exchange.as_str().into(),
-            ExchangeKind::Fanout,
-            durable,
-            FieldTable::default(),
-        )
+        .exchange_declare(exchange.into(), kind, durable, arguments)
         .await
-        .with_context(|| format!("failed to declare exchange {exchange:?}"))?;
+        .with_context(|| format!("failed to declare exchange {exchange:?}"))
+}
+
+/// Declares a durable quorum queue: replicated, it serves on while a
+/// minority of a cluster's nodes is down, where a classic queue is gone with
+/// its node. A classic queue of that name, as wasmrpc 0.1 declared, is used
+/// as it is, with a warning.
+async fn declare_replicated_queue(
+    connection: &Connection,
+    queue: &str,
+    arguments: FieldTable,
+) -> anyhow::Result<()> {
+    let mut quorum = arguments.clone();
+    quorum.insert("x-queue-type".into(), string("quorum"));
+    let channel = connection
+        .create_channel()
+        .await
+        .context("failed to open a channel")?;
+    match declare_queue(&channel, queue, quorum).await {
+        Ok(()) => {
+            let _ = channel.close(200, "declared".into()).await;
+            Ok(())
+        }
+        Err(error) if lapin_cause(&error).and_then(reply_code) == Some(PRECONDITION_FAILED) => {
+            let channel = connection
+                .create_channel()
+                .await
+                .context("failed to open a channel")?;
+            declare_queue(&channel, queue, arguments).await?;
+            let _ = channel.close(200, "declared".into()).await;
+            tracing::warn!(
+                "queue {queue:?} is a classic queue, declared by an earlier wasmrpc: it is not \
+                 replicated, so it stops with its broker node; delete it while no wasmrpc node \
+                 runs to have it declared again as a quorum queue"
+            );
+            Ok(())
+        }
+        Err(error) => Err(error),
+    }
+}
+
+/// Declares this node's own queue on the control exchange: a server-named
+/// queue that dies with the connection. Returns its name.
+pub async fn declare_control_queue(
+    channel: &Channel,
+    topology: &Topology,
+) -> anyhow::Result<String> {
     let private = QueueDeclareOptions {
         exclusive: true,
         auto_delete: true,
@@ -337,7 +381,7 @@ pub async fn declare_control_queue(
         .await
         .context("failed to declare the control queue")?;
     let queue = queue.name().as_str().to_owned();
-    bind(channel, &queue, &exchange, "").await?;
+    bind(channel, &queue, &topology.control_exchange(), "").await?;
     Ok(queue)
 }
 

@@ -177,3 +177,37 @@ async fn a_request_without_reply_to_is_dropped_and_never_redelivered() {
         "the request without reply_to went back to the queue"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn classic_queues_an_earlier_version_declared_are_served_as_they_are() {
+    // wasmrpc 0.1 declared the unrouted and dead-letter queues as classic
+    // queues; quorum queues are replicated, but a queue's type cannot change.
+    let exchange = crate::support::unique("upgrade");
+    let _cleanup = crate::support::node::Cleanup::new(&exchange, &["fib"]);
+    let topology = wasmrpc::wire::Topology::new(&exchange);
+    let client = RawClient::connect().await;
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    let mut ttl = FieldTable::default();
+    ttl.insert(
+        "x-message-ttl".into(),
+        lapin::types::AMQPValue::LongUInt(wasmrpc::wire::UNROUTED_TTL_MS),
+    );
+    for (queue, arguments) in [
+        (topology.unrouted_queue(), ttl),
+        (topology.dead_queue(), FieldTable::default()),
+    ] {
+        client
+            .channel
+            .queue_declare(queue.as_str().into(), durable, arguments)
+            .await
+            .unwrap();
+    }
+
+    let node = TestNode::setup(&["fib"]).exchange(&exchange).start().await;
+    assert_eq!(node.call("fib", "20").await.body, b"6765");
+    let reply = node.call("nosuchmodule", "1").await;
+    assert_eq!(reply.error.as_deref(), Some("not_found"));
+}

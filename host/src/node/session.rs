@@ -170,7 +170,7 @@ impl Session {
             .await
             .context("failed to set the prefetch")?;
         let topology = &shared.topology;
-        amqp::declare_exchanges(&consume, topology).await?;
+        amqp::declare_topology(connection, topology).await?;
 
         let mut deliveries = StreamMap::new();
         let mut subscriptions =

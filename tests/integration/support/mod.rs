@@ -3,6 +3,7 @@
 
 pub mod broker;
 pub mod guests;
+pub mod ledger;
 pub mod node;
 pub mod oracle;
 pub mod process;
