@@ -22,9 +22,10 @@ COPY modules /modules
 # Compiled modules are cached in ~/.cache/wasmrpc, inside the container; set
 # WASMRPC_CACHE_DIR to a volume the nonroot user (uid 65532) can write to keep
 # them across containers.
+# The node waits for its broker and reconnects by itself: it needs no
+# start order. AMQP_URL may list the nodes of a cluster, comma-separated.
 ENV WASMRPC_MODULES=/modules \
-    AMQP_URL=amqp://guest:guest@rabbitmq:5672/%2f \
-    RUST_LOG=info
+    AMQP_URL=amqp://guest:guest@rabbitmq:5672/%2f
 USER nonroot
 ENTRYPOINT ["/usr/local/bin/wasmrpc"]
 CMD ["serve"]

@@ -159,8 +159,10 @@ async fn a_node_started_before_its_broker_serves_once_it_is_up() {
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert!(node.is_running(), "the node gave up waiting for its broker");
     broker.start_again().await;
+    let up = Instant::now();
     let (node, ready) = log_line(node, "node ready", Duration::from_secs(10)).await;
     assert!(ready.contains("session=1"), "{ready}");
+    eprintln!("broker up 5 s after the node: serving {:?} later", up.elapsed());
 
     let client = Client::connect(&parse(&broker.url()), &exchange)
         .await
