@@ -268,8 +268,11 @@ fn serve_config(brokers: Brokers, exchange: &str, args: ServeArgs) -> Result<Nod
     };
     config.limits = limits.apply_to(&Limits::DEFAULT)?;
     config.delivery_limit = args.delivery_limit;
-    config.max_message = usize::try_from(args.max_message_size)
-        .map_err(|_| "--max-message-size is too large".to_owned())?;
+    // RabbitMQ takes 512 MiB at most; an error reply must always fit.
+    if !(4 << 10..=512 << 20).contains(&args.max_message_size) {
+        return Err("--max-message-size must be between 4KiB and 512MiB".into());
+    }
+    config.max_message = args.max_message_size as usize;
     config.cache_dir = match (args.no_cache, args.cache_dir) {
         (true, _) => None,
         (false, Some(dir)) => Some(dir),

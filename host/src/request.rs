@@ -357,10 +357,19 @@ async fn settle(context: &Context, delivery: &Delivery, settlement: Settlement) 
         }
     };
     if let Err(error) = settled {
-        if context.lost.is_cancelled() {
+        // The channel is gone (the session is lost, or about to be noticed
+        // lost): the broker has the request back already.
+        let gone = context.lost.is_cancelled()
+            || matches!(
+                error.kind(),
+                lapin::ErrorKind::InvalidChannelState(..)
+                    | lapin::ErrorKind::InvalidConnectionState(_)
+                    | lapin::ErrorKind::IOError(_)
+            );
+        if gone {
             tracing::debug!(
                 ?settlement,
-                "session lost before the request was settled: the broker hands it out again"
+                "the session is lost: the broker hands the request out again"
             );
         } else {
             tracing::error!(?settlement, "failed to settle the request: {error}");

@@ -162,7 +162,10 @@ async fn a_node_started_before_its_broker_serves_once_it_is_up() {
     let up = Instant::now();
     let (node, ready) = log_line(node, "node ready", Duration::from_secs(10)).await;
     assert!(ready.contains("session=1"), "{ready}");
-    eprintln!("broker up 5 s after the node: serving {:?} later", up.elapsed());
+    eprintln!(
+        "broker up 5 s after the node: serving {:?} later",
+        up.elapsed()
+    );
 
     let client = Client::connect(&parse(&broker.url()), &exchange)
         .await
