@@ -239,9 +239,12 @@ impl Replies {
             .as_ref()
             .is_some_and(|connection| connection.status().connected());
         if !connected {
+            // After a lost connection, the next broker first: on a cluster,
+            // the one just lost may be the one that is down.
+            let first = path.broker + usize::from(path.connection.is_some());
             let (connection, broker) = self
                 .brokers
-                .connect(path.broker, &self.connection_name)
+                .connect(first, &self.connection_name)
                 .await
                 .map_err(|error| error.to_string())?;
             if path.connection.is_some() {
@@ -263,7 +266,7 @@ impl Replies {
     }
 
     /// Drops the channel of `generation` if it is still the current one; the
-    /// next reply opens another.
+    /// next reply opens another (and a connection, if this one is gone).
     async fn forget(&self, generation: u64) {
         let mut path = self.path.lock().await;
         if path
@@ -272,11 +275,6 @@ impl Replies {
             .is_some_and(|(_, current)| *current == generation)
         {
             path.channel = None;
-        }
-        if let Some(connection) = &path.connection
-            && !connection.status().connected()
-        {
-            path.connection = None;
         }
     }
 

@@ -151,59 +151,22 @@ async fn handle_in_span(context: &Context, target: Target, delivery: Delivery) {
         settle(context, &delivery, Settlement::Ack).await;
         return;
     }
-
-    let (reply, settlement, module) = match target {
-        Target::Unrouted => (
-            unrouted(delivery.routing_key.as_str()),
-            Settlement::Ack,
-            None,
-        ),
-        Target::Module(module) => match poison_check(context, &module.name, &delivery) {
-            Some(reply) => (reply, Settlement::DeadLetter, None),
-            None => match caller_deadline(delivery.properties.headers().as_ref(), received) {
-                Err(message) => (
-                    Reply::error(ErrorKind::BadRequest, format!("{}: {message}", module.name)),
-                    Settlement::Ack,
-                    None,
-                ),
-                Ok(deadline) => {
-                    // Wait for a slot, unless the node stops first (the
-                    // request goes back to its queue for another node) or
-                    // the session is lost (the broker has taken it back).
-                    let permit = tokio::select! {
-                        permit = context.slots.acquire() => permit.expect("the slots semaphore is never closed"),
-                        () = context.stopping.cancelled() => {
-                            tracing::debug!("node stopping: returning request to its queue");
-                            settle(context, &delivery, Settlement::Requeue).await;
-                            return;
-                        }
-                        () = context.lost.cancelled() => {
-                            tracing::debug!("session lost before the request ran: the broker hands it out again");
-                            return;
-                        }
-                    };
-                    tracing::debug!(redelivered = delivery.redelivered, version = %module.version, "running");
-                    let running = context.stats.run();
-                    let reply = tokio::select! {
-                        reply = run(&module, &delivery.data, deadline) => reply,
-                        // Dropping the call stops the guest at once and frees
-                        // its slot for the requests of the next session.
-                        () = context.lost.cancelled() => {
-                            tracing::debug!("session lost while the request ran: stopped it; the broker hands it out again");
-                            return;
-                        }
-                    };
-                    drop((running, permit));
-                    (reply, Settlement::Ack, Some(module.name.clone()))
-                }
-            },
+    let outcome = match target {
+        Target::Unrouted => Outcome {
+            reply: unrouted(delivery.routing_key.as_str()),
+            settlement: Settlement::Ack,
+            ran: None,
+        },
+        Target::Module(module) => match run_module(context, module, &delivery, received).await {
+            Some(outcome) => outcome,
+            None => return,
         },
     };
 
-    let Some(reply) = answer(context, &delivery, reply, settlement).await else {
+    let Some(reply) = answer(context, &delivery, outcome.reply, outcome.settlement).await else {
         return;
     };
-    if let Some(name) = module {
+    if let Some(name) = outcome.ran {
         context.stats.record(&name, reply.error.is_some());
     }
     let elapsed_ms = (received.elapsed().as_secs_f64() * 1e5).round() / 100.0;
@@ -216,6 +179,72 @@ async fn handle_in_span(context: &Context, target: Target, delivery: Delivery) {
             "failed"
         ),
     }
+}
+
+/// What a request comes to before its reply goes out.
+struct Outcome {
+    reply: Reply,
+    settlement: Settlement,
+    /// The module that ran, for the stats: a call counts once answered.
+    ran: Option<ModuleName>,
+}
+
+/// Runs a request for `module`, unless it is poison or its headers are
+/// malformed. `None` when it was handed back instead: the node is stopping
+/// (back to its queue, for another node) or the session was lost (the
+/// broker has it back already).
+async fn run_module(
+    context: &Context,
+    module: Arc<LoadedModule>,
+    delivery: &Delivery,
+    received: Instant,
+) -> Option<Outcome> {
+    if let Some(reply) = poison_check(context, &module.name, delivery) {
+        return Some(Outcome {
+            reply,
+            settlement: Settlement::DeadLetter,
+            ran: None,
+        });
+    }
+    let deadline = match caller_deadline(delivery.properties.headers().as_ref(), received) {
+        Ok(deadline) => deadline,
+        Err(message) => {
+            return Some(Outcome {
+                reply: Reply::error(ErrorKind::BadRequest, format!("{}: {message}", module.name)),
+                settlement: Settlement::Ack,
+                ran: None,
+            });
+        }
+    };
+    let permit = tokio::select! {
+        permit = context.slots.acquire() => permit.expect("the slots semaphore is never closed"),
+        () = context.stopping.cancelled() => {
+            tracing::debug!("node stopping: returning request to its queue");
+            settle(context, delivery, Settlement::Requeue).await;
+            return None;
+        }
+        () = context.lost.cancelled() => {
+            tracing::debug!("session lost before the request ran: the broker hands it out again");
+            return None;
+        }
+    };
+    tracing::debug!(redelivered = delivery.redelivered, version = %module.version, "running");
+    let running = context.stats.run();
+    let reply = tokio::select! {
+        reply = run(&module, &delivery.data, deadline) => reply,
+        // Dropping the call stops the guest at once and frees its slot for
+        // the requests of the next session.
+        () = context.lost.cancelled() => {
+            tracing::debug!("session lost while the request ran: stopped it; the broker hands it out again");
+            return None;
+        }
+    };
+    drop((running, permit));
+    Some(Outcome {
+        reply,
+        settlement: Settlement::Ack,
+        ran: Some(module.name.clone()),
+    })
 }
 
 async fn run(module: &LoadedModule, input: &[u8], deadline: Option<Instant>) -> Reply {

@@ -8,7 +8,7 @@
 use std::time::{Duration, Instant};
 
 use lapin::BasicProperties;
-use lapin::options::{BasicGetOptions, BasicPublishOptions, QueueDeclareOptions};
+use lapin::options::{BasicPublishOptions, QueueDeclareOptions};
 use wasmrpc::amqp::Brokers;
 use wasmrpc::client::Client;
 use wasmrpc::wire::{ErrorKind, Topology};
@@ -19,7 +19,7 @@ use crate::support::process::{NodeProcess, Spawn};
 use crate::support::proxy::Proxy;
 use crate::support::raw::RawClient;
 use crate::support::stream::{CallStream, Outcome, summary};
-use crate::support::{amqp_url, brokers, unique};
+use crate::support::{amqp_url, brokers, oracle, unique};
 
 /// How long a caller in these tests waits for a reply: longer than any
 /// fault lasts, so that a request waiting in its queue meanwhile is answered.
@@ -41,6 +41,28 @@ async fn log_line(
 
 fn parse(url: &str) -> Brokers {
     url.parse().unwrap()
+}
+
+/// Twenty calls of `fib`, each answered right.
+async fn answers_fib(client: &Client) {
+    for n in 0..20u32 {
+        let reply = client
+            .call("fib", n.to_string().as_bytes(), PATIENT)
+            .await
+            .unwrap();
+        assert_eq!(reply.error, None, "fib({n})");
+        assert_eq!(reply.body, oracle::fib_decimal(n).as_bytes(), "fib({n})");
+    }
+}
+
+/// A node serving `fib` on `exchange` through the broker(s) at `url`, and a
+/// client that reaches the tests' broker directly, checked with one call.
+async fn serving(exchange: &str, url: &str) -> (NodeProcess, Client) {
+    let node = Spawn::new(exchange, &["fib"]).url(url).start().await;
+    let client = Client::connect(&brokers(), exchange).await.unwrap();
+    let reply = client.call("fib", b"10", PATIENT).await.unwrap();
+    assert_eq!((reply.error, reply.body), (None, b"55".to_vec()));
+    (node, client)
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -200,13 +222,7 @@ async fn a_reply_over_the_brokers_message_size_is_answered_too_large() {
     // The reply path reopened by itself: every later call is answered.
     let reply = client.call("flood", b"1048576", PATIENT).await.unwrap();
     assert_eq!((reply.error, reply.body.len()), (None, 1_048_576));
-    for n in 0..20u32 {
-        let reply = client
-            .call("fib", n.to_string().as_bytes(), PATIENT)
-            .await
-            .unwrap();
-        assert_eq!(reply.error, None, "fib({n})");
-    }
+    answers_fib(&client).await;
     drop(node);
 }
 
@@ -246,23 +262,9 @@ async fn a_reply_to_the_broker_refuses_costs_no_node_and_is_dead_lettered() {
     }
 
     // The request ends in the dead-letter queue, once.
-    let dead = tokio::time::timeout(Duration::from_secs(20), async {
-        loop {
-            let options = BasicGetOptions { no_ack: true };
-            let queue = topology.dead_queue();
-            match raw
-                .channel
-                .basic_get(queue.as_str().into(), options)
-                .await
-                .unwrap()
-            {
-                Some(dead) => break dead,
-                None => tokio::time::sleep(Duration::from_millis(20)).await,
-            }
-        }
-    })
-    .await
-    .expect("the request never reached the dead-letter queue");
+    let dead = raw
+        .next_in(&topology.dead_queue(), Duration::from_secs(20))
+        .await;
     assert_eq!(dead.delivery.data, b"10");
     assert_eq!(
         dead.delivery
@@ -277,13 +279,7 @@ async fn a_reply_to_the_broker_refuses_costs_no_node_and_is_dead_lettered() {
     let client = Client::connect(&brokers(), &exchange).await.unwrap();
     let fleet = client.fleet(Duration::from_secs(2)).await.unwrap();
     assert_eq!(fleet.len(), 3, "{fleet:?}");
-    for n in 0..20u32 {
-        let reply = client
-            .call("fib", n.to_string().as_bytes(), PATIENT)
-            .await
-            .unwrap();
-        assert_eq!(reply.error, None, "fib({n})");
-    }
+    answers_fib(&client).await;
     for node in &mut nodes {
         assert!(node.is_running(), "a node exited");
     }
@@ -306,15 +302,7 @@ async fn a_stalled_connection_is_noticed_within_the_heartbeat_bound_and_recovere
     let exchange = unique("stall");
     let _cleanup = Cleanup::new(&exchange, &["fib"]);
     let proxy = Proxy::start(&amqp_url()).await;
-    let node = Spawn::new(&exchange, &["fib"])
-        .url(&proxy.url())
-        .start()
-        .await;
-    let client = Client::connect(&brokers(), &exchange).await.unwrap();
-    assert_eq!(
-        client.call("fib", b"10", PATIENT).await.unwrap().body,
-        b"55"
-    );
+    let (node, client) = serving(&exchange, &proxy.url()).await;
 
     proxy.stall();
     let stalled = Instant::now();
@@ -343,15 +331,7 @@ async fn a_node_fails_over_to_the_next_broker_of_its_list() {
     let _cleanup = Cleanup::new(&exchange, &["fib"]);
     let first = Proxy::start(&amqp_url()).await;
     let second = Proxy::start(&amqp_url()).await;
-    let node = Spawn::new(&exchange, &["fib"])
-        .url(&format!("{},{}", first.url(), second.url()))
-        .start()
-        .await;
-    let client = Client::connect(&brokers(), &exchange).await.unwrap();
-    assert_eq!(
-        client.call("fib", b"10", PATIENT).await.unwrap().body,
-        b"55"
-    );
+    let (node, client) = serving(&exchange, &format!("{},{}", first.url(), second.url())).await;
 
     // The first broker is gone for good.
     first.cut();

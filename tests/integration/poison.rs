@@ -4,7 +4,6 @@
 
 use std::time::Duration;
 
-use lapin::options::BasicGetOptions;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use wasmrpc::wire::Topology;
 
@@ -57,23 +56,9 @@ async fn a_request_that_keeps_killing_nodes_is_dead_lettered_and_answered_poison
     assert!(message.contains(&topology.dead_queue()), "{message}");
 
     // The node rejects it just after replying: wait for it to arrive.
-    let dead = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            let queue = topology.dead_queue();
-            let options = BasicGetOptions { no_ack: true };
-            match client
-                .channel
-                .basic_get(queue.as_str().into(), options)
-                .await
-                .unwrap()
-            {
-                Some(dead) => break dead,
-                None => tokio::time::sleep(Duration::from_millis(10)).await,
-            }
-        }
-    })
-    .await
-    .expect("the request never reached the dead-letter queue");
+    let dead = client
+        .next_in(&topology.dead_queue(), Duration::from_secs(10))
+        .await;
     assert_eq!(dead.delivery.data, b"30000");
     let headers = dead.delivery.properties.headers().as_ref().unwrap();
     assert_eq!(

@@ -290,6 +290,9 @@ impl Node {
                         "lost the broker: {error:#}; reconnecting (requests it held return to their queues)"
                     );
                     session.abandon();
+                    // Try the next broker first: on a cluster, the one just
+                    // lost may be the one that is down.
+                    broker += 1;
                 }
             }
         };

@@ -5,8 +5,10 @@
 
 use std::time::Duration;
 
-use lapin::message::Delivery;
-use lapin::options::{BasicConsumeOptions, BasicPublishOptions, QueueDeclareOptions};
+use lapin::message::{BasicGetMessage, Delivery};
+use lapin::options::{
+    BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, QueueDeclareOptions,
+};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection, Consumer};
 use tokio_stream::StreamExt as _;
@@ -104,6 +106,25 @@ impl RawClient {
             Ok(None) => panic!("the reply subscription ended"),
             Err(_) => None,
         }
+    }
+}
+
+impl RawClient {
+    /// Waits up to `within` for a message in `queue`, and takes it.
+    pub async fn next_in(&self, queue: &str, within: Duration) -> BasicGetMessage {
+        let take = async {
+            loop {
+                let options = BasicGetOptions { no_ack: true };
+                let got = self.channel.basic_get(queue.into(), options).await.unwrap();
+                match got {
+                    Some(message) => break message,
+                    None => tokio::time::sleep(Duration::from_millis(10)).await,
+                }
+            }
+        };
+        tokio::time::timeout(within, take)
+            .await
+            .unwrap_or_else(|_| panic!("nothing reached queue {queue} within {within:?}"))
     }
 }
 
