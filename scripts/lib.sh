@@ -7,13 +7,18 @@ export AMQP_URL
 say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 
-# The wasm target the guests are built for.
+# The wasm targets the guests are built for: wasip2 as the project ships
+# them, and wasm32-unknown-unknown for the import-free builds the benchmarks
+# compare with.
 ensure_wasm_target() {
     command -v cargo >/dev/null || die "cargo not found: install Rust from https://rustup.rs"
-    if ! rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip2; then
-        say "adding the wasm32-wasip2 target"
-        rustup target add wasm32-wasip2 || die "cannot add the wasm32-wasip2 target (rustup target add wasm32-wasip2)"
-    fi
+    local target
+    for target in wasm32-wasip2 wasm32-unknown-unknown; do
+        if ! rustup target list --installed 2>/dev/null | grep -qx "$target"; then
+            say "adding the $target target"
+            rustup target add "$target" || die "cannot add the $target target (rustup target add $target)"
+        fi
+    done
 }
 
 # Host and port of AMQP_URL (amqp[s]://[user[:pass]@]host[:port][/vhost]).

@@ -38,10 +38,7 @@ fn main() -> anyhow::Result<()> {
         .validate(true)
         .encode()?;
 
-    let runtime = Runtime::new(&RuntimeConfig {
-        max_concurrent: 1,
-        cache_dir: None,
-    })?;
+    let runtime = Runtime::new(&RuntimeConfig::new(1, None))?;
     let wasip2 = runtime.compile(&Wasm::new(wasip2), &Limits::DEFAULT)?;
     let no_imports = runtime.compile(&Wasm::new(no_imports), &Limits::DEFAULT)?;
 

@@ -41,7 +41,7 @@ fn main() -> anyhow::Result<()> {
     for i in 0..count {
         std::fs::write(
             modules.path().join(format!("fib{i}.wasm")),
-            with_custom_section(&fib, &i.to_string()),
+            guests::variant(&fib, &i.to_string()),
         )?;
     }
     let tokio = tokio::runtime::Runtime::new()?;
@@ -96,10 +96,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn load(modules: &Path, cache: &Path) -> anyhow::Result<Duration> {
-    let runtime = Runtime::new(&RuntimeConfig {
-        max_concurrent: 2,
-        cache_dir: Some(cache.to_owned()),
-    })?;
+    let runtime = Runtime::new(&RuntimeConfig::new(2, Some(cache.to_owned())))?;
     let registry = Arc::new(Registry::default());
     let loader = Arc::new(Loader::new(
         runtime,
@@ -117,17 +114,6 @@ async fn load(modules: &Path, cache: &Path) -> anyhow::Result<Duration> {
 
 fn ms(duration: Duration) -> f64 {
     duration.as_secs_f64() * 1e3
-}
-
-fn with_custom_section(wasm: &[u8], tag: &str) -> Vec<u8> {
-    let name = b"bench";
-    let payload_len = 1 + name.len() + tag.len();
-    assert!(payload_len < 128, "one-byte LEB128 lengths only");
-    let mut out = wasm.to_vec();
-    out.extend_from_slice(&[0, payload_len as u8, name.len() as u8]);
-    out.extend_from_slice(name);
-    out.extend_from_slice(tag.as_bytes());
-    out
 }
 
 async fn delete(url: &str, topology: &Topology, count: usize) -> anyhow::Result<()> {

@@ -12,8 +12,10 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::amqp::{Broker, Brokers};
+use crate::bench::BenchConfig;
 use crate::client::{Client, ClientError};
 use crate::manifest::LimitOverrides;
 use crate::node::{self, Node, NodeConfig};
@@ -64,6 +66,7 @@ pub struct Cli {
 enum Command {
     Serve(ServeArgs),
     Call(CallArgs),
+    Bench(BenchArgs),
     Ping(FleetArgs),
     Modules(FleetArgs),
 }
@@ -96,12 +99,15 @@ struct ServeArgs {
     #[arg(long, env = "WASMRPC_MODULES", default_value = "modules")]
     modules: PathBuf,
 
-    /// Requests run at once [default: number of cores].
-    #[arg(long, env = "WASMRPC_CONCURRENCY", value_parser = clap::value_parser!(u32).range(1..=4096))]
+    /// Guests that compute at once: the cores given to guests [default:
+    /// number of cores]. Four times as many requests may be in progress (a
+    /// guest waiting in a host call holds no core), at most half of them one
+    /// module's.
+    #[arg(long, env = "WASMRPC_CONCURRENCY", value_parser = clap::value_parser!(u32).range(1..=1024))]
     concurrency: Option<u32>,
 
     /// Requests the broker may hand this node per module before it acks them
-    /// [default: twice the concurrency].
+    /// [default: 16 × the concurrency].
     #[arg(long, env = "WASMRPC_PREFETCH", value_parser = clap::value_parser!(u16).range(1..))]
     prefetch: Option<u16>,
 
@@ -188,6 +194,53 @@ struct CallArgs {
     raw: bool,
 }
 
+/// Put a module under load: calls/s, latency percentiles, errors.
+///
+/// Runs `--concurrency` callers, each waiting for its reply before its next
+/// call, for `--requests` calls in all or for `--duration`, and prints calls
+/// answered a second, latency p50/p90/p99/max, errors by kind and replies
+/// other than `--expect`. Requests go out with publisher confirms and replies
+/// come by direct reply-to, as for `call`. A progress bar shows on a
+/// terminal.
+///
+/// Example: `wasmrpc bench fib 10 --concurrency 64 --duration 10s --expect 55`
+///
+/// Exit codes: 0 every call answered right, 1 some were not, 2 bad usage,
+/// 4 broker unreachable.
+#[derive(Debug, Args)]
+struct BenchArgs {
+    /// Module to call, e.g. `fib`.
+    module: String,
+
+    /// The request body of every call, e.g. `10`; omitted, the body is empty.
+    #[arg(allow_hyphen_values = true)]
+    arg: Option<String>,
+
+    /// Calls to make in all, instead of calling for `--duration`.
+    #[arg(long, conflicts_with = "duration", value_parser = clap::value_parser!(u64).range(1..))]
+    requests: Option<u64>,
+
+    /// How long to call, e.g. `10s`, `1m`.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    duration: Duration,
+
+    /// Calls in flight at once.
+    #[arg(long, short = 'c', default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    concurrency: u32,
+
+    /// The reply every call should get; any other is counted wrong.
+    #[arg(long)]
+    expect: Option<String>,
+
+    /// How long one call may wait for its reply.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    timeout: Duration,
+
+    /// Print the summary as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
 /// Exit status of `wasmrpc call` when the node answers with an error.
 const EXIT_ERROR_REPLY: u8 = 1;
 /// Exit status when no reply came in time.
@@ -202,7 +255,9 @@ pub fn main() -> ExitCode {
         // did about each, once.
         Command::Serve(_) => "info,lapin=off",
         // The command reports its own errors; lapin would repeat them.
-        Command::Call(_) | Command::Ping(_) | Command::Modules(_) => "warn,lapin=off",
+        Command::Call(_) | Command::Bench(_) | Command::Ping(_) | Command::Modules(_) => {
+            "warn,lapin=off"
+        }
     };
     if let Err(error) = logging::init(cli.log.as_deref().unwrap_or(default_log)) {
         eprintln!("error: {error:#}");
@@ -211,13 +266,6 @@ pub fn main() -> ExitCode {
     if let Command::Serve(_) = cli.command {
         return_large_buffers_to_the_kernel();
     }
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("error: failed to start the async runtime: {error}");
-            return ExitCode::FAILURE;
-        }
-    };
     let brokers = match Brokers::try_from(cli.amqp_url) {
         Ok(brokers) => brokers,
         Err(error) => {
@@ -225,6 +273,8 @@ pub fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    runtime.enable_all();
     match cli.command {
         Command::Serve(args) => {
             let config = match serve_config(brokers.clone(), &cli.exchange, args) {
@@ -233,6 +283,12 @@ pub fn main() -> ExitCode {
                     eprintln!("error: {error}");
                     return ExitCode::from(2);
                 }
+            };
+            // Guests compute on at most `concurrency` workers; one more keeps
+            // the broker connections flowing whatever the guests do.
+            let Some(runtime) = build(runtime.worker_threads(config.concurrency as usize + 1))
+            else {
+                return ExitCode::FAILURE;
             };
             match runtime.block_on(serve(config)) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -243,9 +299,27 @@ pub fn main() -> ExitCode {
                 }
             }
         }
-        Command::Call(args) => runtime.block_on(call(&brokers, &cli.exchange, args)),
-        Command::Ping(args) => runtime.block_on(fleet(&brokers, &cli.exchange, args, false)),
-        Command::Modules(args) => runtime.block_on(fleet(&brokers, &cli.exchange, args, true)),
+        Command::Call(args) => run_on(&mut runtime, call(&brokers, &cli.exchange, args)),
+        Command::Bench(args) => run_on(&mut runtime, bench(&brokers, &cli.exchange, args)),
+        Command::Ping(args) => run_on(&mut runtime, fleet(&brokers, &cli.exchange, args, false)),
+        Command::Modules(args) => run_on(&mut runtime, fleet(&brokers, &cli.exchange, args, true)),
+    }
+}
+
+fn build(builder: &mut tokio::runtime::Builder) -> Option<tokio::runtime::Runtime> {
+    builder
+        .build()
+        .inspect_err(|error| eprintln!("error: failed to start the async runtime: {error}"))
+        .ok()
+}
+
+fn run_on(
+    builder: &mut tokio::runtime::Builder,
+    command: impl std::future::Future<Output = ExitCode>,
+) -> ExitCode {
+    match build(builder) {
+        Some(runtime) => runtime.block_on(command),
+        None => ExitCode::FAILURE,
     }
 }
 
@@ -491,6 +565,58 @@ async fn call(brokers: &Brokers, exchange: &str, args: CallArgs) -> ExitCode {
             eprintln!("error: {error}");
             ExitCode::from(EXIT_BROKER)
         }
+    }
+}
+
+async fn bench(brokers: &Brokers, exchange: &str, args: BenchArgs) -> ExitCode {
+    let client = match Client::connect(brokers, exchange).await {
+        Ok(client) => std::sync::Arc::new(client),
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            return ExitCode::from(EXIT_BROKER);
+        }
+    };
+    let config = BenchConfig {
+        module: args.module,
+        input: args.arg.unwrap_or_default().into_bytes(),
+        requests: args.requests,
+        duration: args.duration,
+        concurrency: args.concurrency,
+        expect: args.expect.map(String::into_bytes),
+        timeout: args.timeout,
+    };
+    let bar = if std::io::stderr().is_terminal() {
+        let bar = match config.requests {
+            Some(requests) => ProgressBar::new(requests).with_style(
+                ProgressStyle::with_template("{bar:40} {pos}/{len} calls, {per_sec}, {eta} left")
+                    .expect("a valid template"),
+            ),
+            None => ProgressBar::new_spinner().with_style(
+                ProgressStyle::with_template("{spinner} {elapsed} {pos} calls, {per_sec}")
+                    .expect("a valid template"),
+            ),
+        };
+        bar.enable_steady_tick(Duration::from_millis(100));
+        bar
+    } else {
+        ProgressBar::hidden()
+    };
+    let report = {
+        let bar = bar.clone();
+        crate::bench::run(client, &config, move || bar.inc(1)).await
+    };
+    bar.finish_and_clear();
+    let summary = if args.json {
+        serde_json::to_string_pretty(&report).expect("a report is JSON")
+    } else {
+        report.to_string()
+    };
+    // A reader that went away (`| head`) is no reason to panic.
+    let _ = writeln!(std::io::stdout(), "{summary}");
+    if report.clean() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_ERROR_REPLY)
     }
 }
 

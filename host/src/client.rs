@@ -3,7 +3,8 @@
 //!
 //! It uses RabbitMQ's direct reply-to: replies come straight back on the
 //! connection with no reply queue to declare, so a call costs one round trip
-//! to the broker. One [`Client`] serves many concurrent calls: a background
+//! to the broker. Requests are published with publisher confirms: a request
+//! the broker did not take is an error, not a timeout. One [`Client`] serves many concurrent calls: a background
 //! task routes each reply to the call waiting for it.
 
 use std::collections::HashMap;
@@ -11,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use lapin::options::{BasicConsumeOptions, BasicPublishOptions};
+use lapin::options::{BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions};
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ErrorKind as LapinErrorKind};
@@ -91,6 +92,10 @@ impl Client {
             .create_channel()
             .await
             .context("failed to open a channel")?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .context("failed to enable publisher confirms")?;
         // Direct reply-to requires consuming, without acks, before publishing.
         let options = BasicConsumeOptions {
             no_ack: true,
@@ -175,18 +180,34 @@ impl Client {
                 properties,
             )
             .await;
-        if let Err(error) = published {
-            self.forget(&correlation_id);
-            return Err(describe(&error, &self.exchange));
-        }
-        match tokio::time::timeout(timeout, receiver).await {
-            Ok(Ok(reply)) => reply,
-            Ok(Err(_router_gone)) => Err(ClientError::Broker("the client stopped".into())),
-            Err(_elapsed) => {
+        let confirm = match published {
+            Ok(confirm) => confirm,
+            Err(error) => {
                 self.forget(&correlation_id);
-                Err(ClientError::Timeout(timeout))
+                return Err(describe(&error, &self.exchange));
             }
+        };
+        // The broker confirms the request once it is safely queued; the
+        // reply may come before or after.
+        let replied = async {
+            match confirm.await {
+                Ok(confirmation) if confirmation.is_ack() => {}
+                Ok(_) => {
+                    return Err(ClientError::Broker("the broker refused the request".into()));
+                }
+                Err(error) => return Err(describe(&error, &self.exchange)),
+            }
+            receiver.await.unwrap_or_else(|_router_gone| {
+                Err(ClientError::Broker("the client stopped".into()))
+            })
+        };
+        let outcome = tokio::time::timeout(timeout, replied)
+            .await
+            .unwrap_or(Err(ClientError::Timeout(timeout)));
+        if outcome.is_err() {
+            self.forget(&correlation_id);
         }
+        outcome
     }
 
     /// Asks every node on the exchange who it is and what it serves, and

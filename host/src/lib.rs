@@ -6,6 +6,7 @@
 //! side; [`wire`] is the contract between the two. See ARCHITECTURE.md.
 
 pub mod amqp;
+pub mod bench;
 pub mod cli;
 pub mod client;
 pub mod logging;

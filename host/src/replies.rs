@@ -17,6 +17,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use backon::{BackoffBuilder as _, ExponentialBuilder};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::{BasicProperties, Channel, Connection};
@@ -31,9 +32,9 @@ pub enum ReplyError {
     /// Larger than the broker accepts; nothing was sent.
     #[error("the reply of {size} bytes is larger than the broker accepts ({limit} bytes)")]
     TooLarge { size: usize, limit: usize },
-    /// The broker refused this very reply (it closed the path over it even
-    /// when it was the only reply in flight, or nacked it). Sending it again
-    /// would fail the same way.
+    /// The broker refused this very reply: it closed the path over it even
+    /// when it was the only reply in flight. Sending it again would fail the
+    /// same way.
     #[error("the broker refused the reply: {0}")]
     Refused(String),
     /// The path could not be opened or failed for reasons not this reply's:
@@ -44,6 +45,9 @@ pub enum ReplyError {
     #[error("abandoned")]
     Abandoned,
 }
+
+/// How long a reply may wait for the broker's confirm.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// After the path fails to open, replies fail at once for this long rather
 /// than each trying every broker again.
@@ -76,7 +80,7 @@ struct Path {
 enum Failure {
     /// The path could not be opened.
     Open(String),
-    /// The broker nacked the reply.
+    /// The broker nacked the reply: it could not take it for now.
     Nacked,
     /// Publishing or confirming failed on the channel of this generation.
     Failed(lapin::Error, u64),
@@ -103,6 +107,10 @@ impl Replies {
     /// Publishes a reply through the default exchange to `reply_to` and waits
     /// for the broker's confirm. Gives up with [`ReplyError::Abandoned`] as
     /// soon as `abandon` is cancelled.
+    ///
+    /// A reply the broker nacks is sent again after a pause, for a while:
+    /// RabbitMQ nacks what a queue cannot take for the moment (a quorum
+    /// queue electing a new leader, say), and that passes.
     pub async fn send(
         &self,
         reply_to: &str,
@@ -117,53 +125,83 @@ impl Replies {
                 limit,
             });
         }
+        let mut pauses = nack_backoff().build();
+        loop {
+            match self.send_once(reply_to, &properties, body, abandon).await {
+                Err(Failure::Nacked) => {
+                    let Some(pause) = pauses.next() else {
+                        return Err(ReplyError::Unavailable(
+                            "the broker kept nacking the reply (is its queue full, or without a leader?)"
+                                .into(),
+                        ));
+                    };
+                    tracing::debug!(%reply_to, "the broker nacked the reply: sending it again in {pause:?}");
+                    abandon
+                        .run_until_cancelled(tokio::time::sleep(pause))
+                        .await
+                        .ok_or(ReplyError::Abandoned)?;
+                }
+                Err(Failure::Open(why)) => return Err(ReplyError::Unavailable(why)),
+                Err(Failure::Failed(error, _)) => return Err(self.judge(error, body.len())),
+                Ok(sent) => return sent,
+            }
+        }
+    }
+
+    /// Sends once, and once more alone if that fails. `Ok` holds the outcome
+    /// for the caller; `Err` what the caller still has to deal with.
+    async fn send_once(
+        &self,
+        reply_to: &str,
+        properties: &BasicProperties,
+        body: &[u8],
+        abandon: &CancellationToken,
+    ) -> Result<Result<(), ReplyError>, Failure> {
         let first = {
-            let _shared = abandon
-                .run_until_cancelled(self.gate.read())
-                .await
-                .ok_or(ReplyError::Abandoned)?;
+            let Some(_shared) = abandon.run_until_cancelled(self.gate.read()).await else {
+                return Ok(Err(ReplyError::Abandoned));
+            };
             abandon
-                .run_until_cancelled(self.attempt(reply_to, &properties, body))
+                .run_until_cancelled(self.attempt(reply_to, properties, body))
                 .await
-                .ok_or(ReplyError::Abandoned)?
         };
         let generation = match first {
-            Ok(()) => return Ok(()),
-            Err(Failure::Open(why)) => return Err(ReplyError::Unavailable(why)),
-            Err(Failure::Nacked) => return Err(nacked()),
-            Err(Failure::Failed(error, generation)) => {
+            None => return Ok(Err(ReplyError::Abandoned)),
+            Some(Ok(())) => return Ok(Ok(())),
+            Some(Err(Failure::Failed(error, generation))) => {
                 tracing::debug!(%reply_to, "reply failed, sending it again alone: {error}");
                 generation
             }
+            Some(Err(other)) => return Err(other),
         };
         self.forget(generation).await;
-        let _alone = abandon
-            .run_until_cancelled(self.gate.write())
+        let Some(_alone) = abandon.run_until_cancelled(self.gate.write()).await else {
+            return Ok(Err(ReplyError::Abandoned));
+        };
+        match abandon
+            .run_until_cancelled(self.attempt(reply_to, properties, body))
             .await
-            .ok_or(ReplyError::Abandoned)?;
-        let alone = abandon
-            .run_until_cancelled(self.attempt(reply_to, &properties, body))
-            .await
-            .ok_or(ReplyError::Abandoned)?;
-        match alone {
-            Ok(()) => Ok(()),
-            Err(Failure::Open(why)) => Err(ReplyError::Unavailable(why)),
-            Err(Failure::Nacked) => Err(nacked()),
-            Err(Failure::Failed(error, generation)) => {
+        {
+            None => Ok(Err(ReplyError::Abandoned)),
+            Some(Ok(())) => Ok(Ok(())),
+            Some(Err(Failure::Failed(error, generation))) => {
                 self.forget(generation).await;
-                if !amqp::is_broker_objection(&error) {
-                    return Err(ReplyError::Unavailable(error.to_string()));
-                }
-                if let Some(limit) = size_limit(&error) {
-                    self.learn_max_message(limit);
-                    return Err(ReplyError::TooLarge {
-                        size: body.len(),
-                        limit,
-                    });
-                }
-                Err(ReplyError::Refused(error.to_string()))
+                Err(Failure::Failed(error, generation))
             }
+            Some(Err(other)) => Err(other),
         }
+    }
+
+    /// What a reply that failed even alone comes to.
+    fn judge(&self, error: lapin::Error, size: usize) -> ReplyError {
+        if !amqp::is_broker_objection(&error) {
+            return ReplyError::Unavailable(error.to_string());
+        }
+        if let Some(limit) = size_limit(&error) {
+            self.learn_max_message(limit);
+            return ReplyError::TooLarge { size, limit };
+        }
+        ReplyError::Refused(error.to_string())
     }
 
     /// Closes the path, for shutdown.
@@ -194,13 +232,21 @@ impl Replies {
             )
             .await;
         let confirmation = match confirm {
-            Ok(confirm) => confirm.await,
-            Err(error) => Err(error),
+            Ok(confirm) => tokio::time::timeout(CONFIRM_TIMEOUT, confirm).await,
+            Err(error) => Ok(Err(error)),
         };
         match confirmation {
-            Ok(confirmation) if confirmation.is_ack() => Ok(()),
-            Ok(_) => Err(Failure::Nacked),
-            Err(error) => Err(Failure::Failed(error, generation)),
+            Ok(Ok(confirmation)) if confirmation.is_ack() => Ok(()),
+            Ok(Ok(_)) => Err(Failure::Nacked),
+            Ok(Err(error)) => Err(Failure::Failed(error, generation)),
+            // A channel that confirms nothing is no use: open another.
+            Err(_) => {
+                self.forget(generation).await;
+                Err(Failure::Open(format!(
+                    "the broker did not confirm the reply within {} s",
+                    CONFIRM_TIMEOUT.as_secs()
+                )))
+            }
         }
     }
 
@@ -290,8 +336,13 @@ impl Replies {
     }
 }
 
-fn nacked() -> ReplyError {
-    ReplyError::Refused("the broker nacked it (is the reply queue full?)".into())
+/// Pauses between sends of a reply the broker nacks: from 50 ms, doubling
+/// to 2 s, about 15 s in all.
+fn nack_backoff() -> ExponentialBuilder {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(50))
+        .with_max_delay(Duration::from_secs(2))
+        .with_max_times(11)
 }
 
 /// The broker's message size limit, if `error` is its refusal of a message

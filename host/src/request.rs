@@ -11,7 +11,8 @@
 //! path, the slots, the stats and the two signals that end its interest
 //! (the node stopping, its session lost).
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use lapin::BasicProperties;
@@ -35,8 +36,10 @@ use crate::wire::{
 pub(crate) struct Context {
     pub replies: Arc<Replies>,
     pub stats: Arc<Stats>,
-    /// Requests that run wasm at once.
+    /// Requests in progress at once (the runtime's instances).
     pub slots: Arc<Semaphore>,
+    /// Each module's share of them.
+    pub shares: Arc<Shares>,
     /// Deliveries after which a request is poison.
     pub delivery_limit: u32,
     /// Where poison requests go, for the message that says so.
@@ -46,6 +49,31 @@ pub(crate) struct Context {
     /// Cancelled when the broker session the deliveries came on is lost:
     /// they can no longer be settled, and the broker hands them out again.
     pub lost: CancellationToken,
+}
+
+/// How many of a node's instances each module may hold at once, so that a
+/// module whose requests sleep or loop cannot keep the others from running.
+/// By name: the versions of a module share its share.
+pub(crate) struct Shares {
+    per_module: usize,
+    modules: Mutex<HashMap<ModuleName, Arc<Semaphore>>>,
+}
+
+impl Shares {
+    pub(crate) fn new(per_module: usize) -> Shares {
+        Shares {
+            per_module,
+            modules: Mutex::default(),
+        }
+    }
+
+    fn of(&self, module: &ModuleName) -> Arc<Semaphore> {
+        let mut modules = self.modules.lock().expect("shares lock");
+        modules
+            .entry(module.clone())
+            .or_insert_with(|| Arc::new(Semaphore::new(self.per_module)))
+            .clone()
+    }
 }
 
 /// What goes back to the caller.
@@ -171,7 +199,9 @@ async fn handle_in_span(context: &Context, target: Target, delivery: Delivery) {
     }
     let elapsed_ms = (received.elapsed().as_secs_f64() * 1e5).round() / 100.0;
     match reply.error {
-        None => tracing::info!(elapsed_ms, "served"),
+        // At info, a line per call would cost a busy node a third of its
+        // CPU (measured: 100 µs a call against 71 µs without).
+        None => tracing::debug!(elapsed_ms, "served"),
         Some(kind) => tracing::warn!(
             elapsed_ms,
             error = %kind,
@@ -216,8 +246,16 @@ async fn run_module(
             });
         }
     };
+    // The module's share first, so that a module at its share holds no
+    // instance another module could use.
+    let share = context.shares.of(&module.name);
+    let admitted = async {
+        let share = share.acquire().await;
+        let slot = context.slots.acquire().await;
+        (share, slot)
+    };
     let permit = tokio::select! {
-        permit = context.slots.acquire() => permit.expect("the slots semaphore is never closed"),
+        permit = admitted => permit,
         () = context.stopping.cancelled() => {
             tracing::debug!("node stopping: returning request to its queue");
             settle(context, delivery, Settlement::Requeue).await;

@@ -107,7 +107,8 @@ pub struct NodeStatus {
     /// The wasmrpc version the node runs.
     pub version: String,
     pub uptime_ms: u64,
-    /// Requests it runs at once, at most.
+    /// Requests it has in progress at once, at most (some may be waiting
+    /// in a host call or for their turn to compute).
     pub concurrency: u32,
     /// Requests running now.
     pub running: usize,

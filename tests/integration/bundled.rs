@@ -15,11 +15,7 @@ async fn answers(module: &Module, input: &[u8]) -> Result<Vec<u8>, String> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_bundled_fib_answers_like_a_fresh_build() {
-    let runtime = Runtime::new(&RuntimeConfig {
-        max_concurrent: 2,
-        cache_dir: None,
-    })
-    .unwrap();
+    let runtime = Runtime::new(&RuntimeConfig::new(2, None)).unwrap();
     let compile = |path: &Path| {
         let wasm = std::fs::read(path)
             .unwrap_or_else(|error| panic!("cannot read {}: {error}", path.display()));

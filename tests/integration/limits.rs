@@ -243,11 +243,14 @@ async fn a_request_whose_deadline_has_passed_is_answered_timeout_without_running
         body(&reply)
     );
 
-    // Past by the time a slot is free: the only slot is busy for 600 ms.
-    client
-        .publish(node.exchange(), "spin", b"600", client.request("busy"))
-        .await;
-    node.running(1).await;
+    // Past by the time spin may start another request: with concurrency 1
+    // it may have 2 in progress (half of 4 instances), both busy for 600 ms.
+    for busy in ["busy-1", "busy-2"] {
+        client
+            .publish(node.exchange(), "spin", b"600", client.request(busy))
+            .await;
+    }
+    node.running(2).await;
     let impatient = with_headers(
         &client,
         "impatient",
@@ -257,7 +260,7 @@ async fn a_request_whose_deadline_has_passed_is_answered_timeout_without_running
         .publish(node.exchange(), "spin", b"1", impatient)
         .await;
     let mut replies = Vec::new();
-    for _ in 0..2 {
+    for _ in 0..3 {
         let reply = client.next_reply(Duration::from_secs(10)).await.unwrap();
         replies.push((
             correlation_id(&reply).unwrap().to_owned(),
@@ -266,12 +269,15 @@ async fn a_request_whose_deadline_has_passed_is_answered_timeout_without_running
         ));
     }
     replies.sort();
-    assert_eq!(replies[0], ("busy".into(), None, "spun for 600 ms".into()));
-    assert_eq!(replies[1].1.as_deref(), Some("timeout"), "{:?}", replies[1]);
+    for (i, busy) in ["busy-1", "busy-2"].into_iter().enumerate() {
+        assert_eq!(replies[i], (busy.into(), None, "spun for 600 ms".into()));
+    }
+    assert_eq!(replies[2].0, "impatient");
+    assert_eq!(replies[2].1.as_deref(), Some("timeout"), "{:?}", replies[2]);
     assert!(
-        replies[1].2.contains("before the request could start"),
+        replies[2].2.contains("before the request could start"),
         "{:?}",
-        replies[1]
+        replies[2]
     );
 }
 

@@ -6,6 +6,7 @@
 
 mod support;
 
+mod bench;
 mod bundled;
 mod cache;
 mod cli;
@@ -21,4 +22,5 @@ mod modules;
 mod poison;
 mod process;
 mod readme;
+mod share;
 mod soak;

@@ -41,7 +41,7 @@ fn status(shared: &Shared) -> NodeStatus {
         host: shared.host.clone(),
         version: env!("CARGO_PKG_VERSION").to_owned(),
         uptime_ms: shared.stats.uptime().as_millis() as u64,
-        concurrency: shared.concurrency,
+        concurrency: shared.instances,
         running: *shared.stats.running().borrow(),
         modules,
     }

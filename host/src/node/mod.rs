@@ -5,8 +5,10 @@
 //! It stops on its shutdown signal, or when a broker refuses its
 //! configuration for good (credentials, contradictory queue arguments).
 //!
-//! Backpressure is the broker's prefetch (deliveries this node holds unacked)
-//! plus a semaphore of `concurrency` permits (requests that run wasm at once).
+//! Backpressure is the broker's prefetch (deliveries this node holds
+//! unacked), a semaphore of instances (requests in progress, at most half of
+//! them one module's) and the runtime's `concurrency` permits to execute
+//! wasm, which a guest holds only while it computes.
 //! Shutdown is warm: stop consuming, answer what is running, give back what
 //! was prefetched but not started, then close.
 
@@ -30,6 +32,7 @@ use crate::amqp::Brokers;
 use crate::names::ModuleName;
 use crate::registry::{Loader, Registry, Update};
 use crate::replies::Replies;
+use crate::request::Shares;
 use crate::runtime::{Limits, Runtime, RuntimeConfig};
 use crate::stats::Stats;
 use crate::units::Bytes;
@@ -43,7 +46,8 @@ pub struct NodeConfig {
     pub brokers: Brokers,
     pub exchange: String,
     pub modules_dir: PathBuf,
-    /// Requests that run at once.
+    /// Guests that execute wasm at once: the cores given to guests. Requests
+    /// in progress may be [`crate::runtime::INSTANCES_PER_RUNNING`] times as many.
     pub concurrency: u32,
     /// Deliveries the broker may push to each consumer before they are acked.
     pub prefetch: u16,
@@ -88,10 +92,16 @@ pub fn default_concurrency() -> u32 {
     std::thread::available_parallelism().map_or(1, |n| n.get() as u32)
 }
 
-/// Twice the concurrency: a finished request always finds the next one
-/// already here, without this node hoarding work that idle nodes could take.
+/// Sixteen per core that runs guests. A delivery is unacked from its
+/// arrival until the broker confirms its reply, a broker round trip after
+/// the guest is done, so the prefetch must cover that pipeline as well as the
+/// requests computing; but what a node holds beyond them waits, and work a
+/// slow node holds is work an idle node cannot take. Measured on 2 cores
+/// (`scripts/bench`; ARCHITECTURE.md has the table): 16 per core gives
+/// 87% of the throughput of 32 per core, and lets a node 1,000 times slower
+/// than its peer take 11% of a burst instead of 7% at 2 per core.
 pub fn default_prefetch(concurrency: u32) -> u16 {
-    u16::try_from(concurrency.saturating_mul(2)).unwrap_or(u16::MAX)
+    u16::try_from(concurrency.saturating_mul(16)).unwrap_or(u16::MAX)
 }
 
 /// Where a node stands with its broker.
@@ -123,13 +133,18 @@ pub(crate) struct Shared {
     pub id: String,
     pub host: String,
     pub concurrency: u32,
+    /// Requests in progress at once, at most.
+    pub instances: u32,
     pub prefetch: u16,
     pub delivery_limit: u32,
     pub registry: Arc<Registry>,
     pub topology: Topology,
     pub stats: Arc<Stats>,
     pub replies: Arc<Replies>,
+    /// Requests in progress at once: the runtime's instances.
     pub slots: Arc<Semaphore>,
+    /// How many of those one module may hold.
+    pub shares: Arc<Shares>,
     /// Cancelled when the node begins to shut down.
     pub stopping: CancellationToken,
 }
@@ -160,10 +175,9 @@ impl Node {
             );
             config.limits.reply = config.max_message;
         }
-        let runtime = Runtime::new(&RuntimeConfig {
-            max_concurrent: config.concurrency,
-            cache_dir: config.cache_dir.clone(),
-        })?;
+        let runtime_config = RuntimeConfig::new(config.concurrency, config.cache_dir.clone());
+        let instances = runtime_config.max_instances;
+        let runtime = Runtime::new(&runtime_config)?;
         // Watch before the first scan, so nothing that changes during it is missed.
         let (watcher, changes) = watch::watch(&config.modules_dir)?;
         let registry = Arc::new(Registry::default());
@@ -193,13 +207,17 @@ impl Node {
                 id,
                 host: gethostname::gethostname().to_string_lossy().into_owned(),
                 concurrency: config.concurrency,
+                instances,
                 prefetch: config.prefetch,
                 delivery_limit: config.delivery_limit,
                 registry,
                 topology: Topology::new(&config.exchange),
                 stats: Arc::default(),
                 replies: Arc::new(replies),
-                slots: Arc::new(Semaphore::new(config.concurrency as usize)),
+                slots: Arc::new(Semaphore::new(instances as usize)),
+                // Half the instances: a module whose requests sleep or loop
+                // leaves the other half to the rest.
+                shares: Arc::new(Shares::new((instances as usize / 2).max(1))),
                 stopping: CancellationToken::new(),
             }),
             brokers: config.brokers,

@@ -32,6 +32,9 @@ use crate::names::ModuleName;
 use crate::registry::Update;
 use crate::request::{self, Context};
 
+/// How long declaring and subscribing may take once connected.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Where a delivery came from.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub(super) enum Source {
@@ -132,7 +135,20 @@ impl Session {
                 }
             })?;
         let connection = Arc::new(connection);
-        match Session::subscribe(shared, &connection, number, broker).await {
+        // A broker that takes the connection and then answers nothing (one
+        // shutting down, say) must not hold the node forever.
+        let subscribed = tokio::time::timeout(
+            OPEN_TIMEOUT,
+            Session::subscribe(shared, &connection, number, broker),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(anyhow::anyhow!(
+                "the broker did not complete the session's declarations within {} s",
+                OPEN_TIMEOUT.as_secs()
+            ))
+        });
+        match subscribed {
             Ok(session) => {
                 tracing::info!(
                     node = %shared.id,
@@ -197,6 +213,7 @@ impl Session {
             replies: shared.replies.clone(),
             stats: shared.stats.clone(),
             slots: shared.slots.clone(),
+            shares: shared.shares.clone(),
             delivery_limit: shared.delivery_limit,
             dead_queue: topology.dead_queue(),
             stopping: shared.stopping.clone(),

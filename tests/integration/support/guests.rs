@@ -51,3 +51,28 @@ pub fn build_for(target: &str) -> Result<PathBuf, String> {
     }
     Ok(guests.join(format!("target/{target}/release")))
 }
+
+/// The same module, as another build: a custom section changes its bytes
+/// (and so its version) but not what it does.
+pub fn variant(wasm: &[u8], tag: &str) -> Vec<u8> {
+    fn leb128(mut n: usize, out: &mut Vec<u8>) {
+        loop {
+            let byte = (n & 0x7f) as u8;
+            n >>= 7;
+            out.push(if n == 0 { byte } else { byte | 0x80 });
+            if n == 0 {
+                return;
+            }
+        }
+    }
+    let name = b"wasmrpc-test";
+    let mut payload = Vec::new();
+    leb128(name.len(), &mut payload);
+    payload.extend_from_slice(name);
+    payload.extend_from_slice(tag.as_bytes());
+    let mut out = wasm.to_vec();
+    out.push(0); // a custom section
+    leb128(payload.len(), &mut out);
+    out.extend_from_slice(&payload);
+    out
+}

@@ -27,6 +27,9 @@ use wasmrpc::amqp::Brokers;
 
 use super::oracle;
 
+/// How long the caller waits for the broker to confirm a request.
+const CONFIRM_PATIENCE: Duration = Duration::from_secs(5);
+
 /// What became of every call.
 #[derive(Default)]
 struct Ledger {
@@ -231,11 +234,11 @@ async fn publish(
             let Some((_, channel)) = link else {
                 return false;
             };
-            if channel
-                .confirm_select(ConfirmSelectOptions::default())
-                .await
-                .is_err()
-            {
+            let confirms = channel.confirm_select(ConfirmSelectOptions::default());
+            if !matches!(
+                tokio::time::timeout(CONFIRM_PATIENCE, confirms).await,
+                Ok(Ok(()))
+            ) {
                 *link = None;
                 continue;
             }
@@ -245,23 +248,32 @@ async fn publish(
             .with_reply_to(reply_queue.into())
             .with_correlation_id(id.to_string().as_str().into())
             .with_delivery_mode(2);
-        let confirm = channel
-            .basic_publish(
-                exchange.into(),
-                "fib".into(),
-                BasicPublishOptions::default(),
-                (id % 90).to_string().as_bytes(),
-                properties,
-            )
-            .await;
-        match confirm {
-            Ok(confirm) => match confirm.await {
-                Ok(confirmation) if confirmation.is_ack() => return true,
-                // Not taken: publish it again.
-                Ok(_) => {}
-                Err(_) => *link = None,
-            },
-            Err(_) => *link = None,
+        let published = async {
+            channel
+                .basic_publish(
+                    exchange.into(),
+                    "fib".into(),
+                    BasicPublishOptions::default(),
+                    (id % 90).to_string().as_bytes(),
+                    properties,
+                )
+                .await?
+                .await
+        };
+        // A publish or confirm that does not come (a broker node shutting
+        // down may sit on one) counts as a failure: publish it again on a
+        // new connection.
+        match tokio::time::timeout(CONFIRM_PATIENCE, published).await {
+            Ok(Ok(confirmation)) if confirmation.is_ack() => return true,
+            // Not taken: publish it again.
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) => *link = None,
+            Err(_) => {
+                eprintln!(
+                    "careful caller: no confirm for call {id} within {CONFIRM_PATIENCE:?}; publishing it again"
+                );
+                *link = None;
+            }
         }
     }
 }
@@ -290,8 +302,24 @@ async fn consume(
             continue;
         };
         loop {
-            let next = stop.run_until_cancelled(replies.next()).await;
-            let Some(Some(Ok(delivery))) = next else {
+            // Replies that stop coming while calls are unanswered mean a
+            // subscription the broker forgot: subscribe again.
+            let next = tokio::time::timeout(CONFIRM_PATIENCE, replies.next());
+            let next = match stop.run_until_cancelled(next).await {
+                None => break,
+                Some(Err(_idle)) => {
+                    let unanswered = ledger.lock().unwrap().sent.len() as u64 > *answered.borrow();
+                    if unanswered {
+                        eprintln!(
+                            "careful caller: no reply for {CONFIRM_PATIENCE:?} with calls unanswered; subscribing again"
+                        );
+                        break;
+                    }
+                    continue;
+                }
+                Some(Ok(next)) => next,
+            };
+            let Some(Ok(delivery)) = next else {
                 break;
             };
             record(&ledger, &answered, &delivery);
@@ -347,9 +375,11 @@ async fn connect(brokers: &Brokers, stop: &CancellationToken) -> Option<(Connect
     let mut start = 0;
     loop {
         if let Ok((connection, index)) = brokers.connect(start, "careful caller").await {
-            match connection.create_channel().await {
-                Ok(channel) => return Some((connection, channel)),
-                Err(_) => start = index + 1,
+            // A broker node shutting down may take a connection and then
+            // answer nothing: try the next.
+            match tokio::time::timeout(CONFIRM_PATIENCE, connection.create_channel()).await {
+                Ok(Ok(channel)) => return Some((connection, channel)),
+                _ => start = index + 1,
             }
         }
         let pause = tokio::time::sleep(Duration::from_millis(100));

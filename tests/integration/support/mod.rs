@@ -2,6 +2,7 @@
 //! node on the real broker under names no other test uses, and oracles.
 
 pub mod broker;
+pub mod compare;
 pub mod guests;
 pub mod ledger;
 pub mod node;

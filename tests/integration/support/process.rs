@@ -17,6 +17,8 @@ const LINE_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct NodeProcess {
     pub child: Child,
     pub log: mpsc::Receiver<String>,
+    /// The line it logged when it first served, if it was started so.
+    pub ready: String,
     /// Deleted with the process.
     _modules: TempDir,
 }
@@ -25,7 +27,7 @@ pub struct NodeProcess {
 #[derive(Clone)]
 pub struct Spawn {
     guests: Vec<String>,
-    files: Vec<(String, String)>,
+    files: Vec<(String, Vec<u8>)>,
     exchange: String,
     env: Vec<(String, String)>,
 }
@@ -42,8 +44,13 @@ impl Spawn {
     }
 
     /// Adds a file to its modules directory (a manifest, say).
-    pub fn file(mut self, name: &str, contents: &str) -> Spawn {
-        self.files.push((name.into(), contents.into()));
+    pub fn file(self, name: &str, contents: &str) -> Spawn {
+        self.binary(name, contents.as_bytes().to_vec())
+    }
+
+    /// Adds a file of any bytes to its modules directory (a module, say).
+    pub fn binary(mut self, name: &str, contents: Vec<u8>) -> Spawn {
+        self.files.push((name.into(), contents));
         self
     }
 
@@ -62,9 +69,9 @@ impl Spawn {
     /// Starts the node in a new modules directory and waits, off the async
     /// runtime, until it serves.
     pub async fn start(self) -> NodeProcess {
-        let node = self.launch().await;
+        let mut node = self.launch().await;
         tokio::task::spawn_blocking(move || {
-            node.wait_for_line("node ready");
+            node.ready = node.wait_for_line("node ready");
             node
         })
         .await
@@ -116,6 +123,7 @@ impl NodeProcess {
         NodeProcess {
             child,
             log,
+            ready: String::new(),
             _modules: modules,
         }
     }
@@ -141,6 +149,11 @@ impl NodeProcess {
         }
     }
 
+    /// The lines the node has logged and no one has read yet.
+    pub fn unread_log(&self) -> Vec<String> {
+        self.log.try_iter().collect()
+    }
+
     /// Whether the process is still running.
     pub fn is_running(&mut self) -> bool {
         self.child.try_wait().unwrap().is_none()
@@ -156,12 +169,22 @@ impl NodeProcess {
 
     /// The node's resident set size, in bytes.
     pub fn rss(&self) -> u64 {
+        self.status_bytes("VmRSS")
+    }
+
+    /// The node's peak resident set size since it started, in bytes.
+    pub fn peak_rss(&self) -> u64 {
+        self.status_bytes("VmHWM")
+    }
+
+    /// A size in kB from /proc/PID/status, in bytes.
+    fn status_bytes(&self, field: &str) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
         let kib: u64 = status
             .lines()
-            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
             .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
-            .expect("VmRSS in /proc/PID/status");
+            .unwrap_or_else(|| panic!("{field} in /proc/PID/status"));
         kib << 10
     }
 }
