@@ -97,9 +97,9 @@ pub fn default_concurrency() -> u32 {
 /// the guest is done, so the prefetch must cover that pipeline as well as the
 /// requests computing; but what a node holds beyond them waits, and work a
 /// slow node holds is work an idle node cannot take. Measured on 2 cores
-/// (`scripts/bench`; ARCHITECTURE.md has the table): 16 per core gives
-/// 87% of the throughput of 32 per core, and lets a node 1,000 times slower
-/// than its peer take 11% of a burst instead of 7% at 2 per core.
+/// (README.md, "Performance"): 16 per core gives 2.6 times the throughput
+/// of 2 per core and 91% of 32 per core, and lets a node 1,000 times slower
+/// than its peer take 11% of a burst, against 7% at 2 and 16% at 32 per core.
 pub fn default_prefetch(concurrency: u32) -> u16 {
     u16::try_from(concurrency.saturating_mul(16)).unwrap_or(u16::MAX)
 }
