@@ -46,7 +46,8 @@ pub enum ReplyError {
     Abandoned,
 }
 
-/// How long a reply may wait for the broker's confirm.
+/// How long a reply may wait for the broker's confirm, or the reply path
+/// for the broker to open it.
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// After the path fails to open, replies fail at once for this long rather
@@ -264,7 +265,17 @@ impl Replies {
         {
             return Err(why.clone());
         }
-        match self.open(&mut path).await {
+        // A broker node shutting down may take the connection and then
+        // answer nothing; the path's lock must not be held forever.
+        let opened = tokio::time::timeout(CONFIRM_TIMEOUT, self.open(&mut path))
+            .await
+            .unwrap_or_else(|_| {
+                Err(format!(
+                    "the broker did not open a reply channel within {} s",
+                    CONFIRM_TIMEOUT.as_secs()
+                ))
+            });
+        match opened {
             Ok(channel) => {
                 path.failed = None;
                 path.generation += 1;
