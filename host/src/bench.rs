@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
-use crate::client::{Client, ClientError};
+use crate::client::{CallOptions, Client, ClientError};
+use crate::trace::TraceParent;
 
 /// What to measure.
 #[derive(Clone, Debug)]
@@ -112,8 +113,13 @@ pub async fn run(
                         break;
                     }
                     let sent = Instant::now();
+                    // A trace per call, as `wasmrpc call` sends: its cost is
+                    // part of what is measured.
+                    let options = CallOptions {
+                        traceparent: Some(TraceParent::new_trace()),
+                    };
                     let reply = client
-                        .call(&config.module, &config.input, config.timeout)
+                        .call_with(&config.module, &config.input, config.timeout, &options)
                         .await;
                     let micros = sent.elapsed().as_micros().max(1) as u64;
                     match reply {

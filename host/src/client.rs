@@ -20,7 +20,11 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_stream::StreamExt as _;
 
 use crate::amqp::{self, Brokers};
-use crate::wire::{ERROR_HEADER, ErrorKind, NodeStatus, TIMEOUT_HEADER, Topology, VERSION_HEADER};
+use crate::trace::TraceParent;
+use crate::wire::{
+    ERROR_HEADER, ErrorKind, NodeStatus, TIMEOUT_HEADER, TRACEPARENT_HEADER, Topology,
+    VERSION_HEADER,
+};
 
 /// The pseudo-queue RabbitMQ routes direct replies through.
 const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
@@ -35,6 +39,18 @@ pub struct Reply {
     pub error: Option<String>,
     /// The version of the module that produced the reply (`x-module-version`).
     pub version: Option<String>,
+    /// The reply's `content_type`.
+    pub content_type: Option<String>,
+    /// The node's span of the call's trace (`traceparent`), if the call
+    /// carried one.
+    pub traceparent: Option<String>,
+}
+
+/// How to make a call, beyond its module, body and timeout.
+#[derive(Clone, Debug, Default)]
+pub struct CallOptions {
+    /// The trace the call belongs to: sent as the `traceparent` header.
+    pub traceparent: Option<TraceParent>,
 }
 
 impl Reply {
@@ -157,6 +173,18 @@ impl Client {
         input: &[u8],
         timeout: Duration,
     ) -> Result<Reply, ClientError> {
+        self.call_with(module, input, timeout, &CallOptions::default())
+            .await
+    }
+
+    /// [`Client::call`], with `options`.
+    pub async fn call_with(
+        &self,
+        module: &str,
+        input: &[u8],
+        timeout: Duration,
+        options: &CallOptions,
+    ) -> Result<Reply, ClientError> {
         let correlation_id = uuid::Uuid::new_v4().to_string();
         let (sender, receiver) = oneshot::channel();
         self.wait_for(&correlation_id, Waiter::One(sender))?;
@@ -165,10 +193,22 @@ impl Client {
         let millis = timeout.as_millis().clamp(1, u128::from(u32::MAX)) as u32;
         let mut headers = FieldTable::default();
         headers.insert(TIMEOUT_HEADER.into(), AMQPValue::LongUInt(millis));
+        if let Some(traceparent) = &options.traceparent {
+            headers.insert(
+                TRACEPARENT_HEADER.into(),
+                AMQPValue::LongString(traceparent.to_string().into()),
+            );
+        }
+        // Nodes measure how long requests wait in their queue from it.
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
         let properties = BasicProperties::default()
             .with_reply_to(DIRECT_REPLY_TO.into())
             .with_correlation_id(correlation_id.as_str().into())
             .with_expiration(millis.to_string().as_str().into())
+            .with_timestamp(now)
             .with_headers(headers);
         let published = self
             .channel
@@ -300,6 +340,11 @@ fn route(pending: &Pending, delivery: lapin::message::Delivery) {
     let reply = Reply {
         error: amqp::header_str(headers, ERROR_HEADER).map(str::to_owned),
         version: amqp::header_str(headers, VERSION_HEADER).map(str::to_owned),
+        content_type: properties
+            .content_type()
+            .as_ref()
+            .map(|value| value.to_string()),
+        traceparent: amqp::header_str(headers, TRACEPARENT_HEADER).map(str::to_owned),
         correlation_id: correlation_id.clone(),
         body: delivery.data,
     };

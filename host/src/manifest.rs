@@ -2,6 +2,9 @@
 //!
 //! ```toml
 //! # Every key is optional; what is left out takes the node's setting.
+//! # The content_type of successful replies [default: application/octet-stream].
+//! content_type = "application/json"
+//!
 //! [limits]
 //! time = "2s"        # ms, s or m; a bare number is seconds
 //! memory = "64MiB"   # B, KiB, MiB or GiB; a bare number is bytes
@@ -24,6 +27,9 @@ use crate::units::{Bytes, parse_duration};
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Manifest {
+    /// The `content_type` of the module's successful replies.
+    #[serde(default, deserialize_with = "content_type")]
+    pub content_type: Option<String>,
     #[serde(default)]
     pub limits: LimitOverrides,
 }
@@ -108,6 +114,26 @@ fn duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Duratio
     parsed.map(Some).map_err(serde::de::Error::custom)
 }
 
+/// A MIME type as AMQP carries it: a short string (at most 255 bytes) of
+/// printable ASCII, `type/subtype` with optional parameters.
+fn content_type<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<String>, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    let (essence, _parameters) = text.split_once(';').unwrap_or((&text, ""));
+    let valid = text.len() <= 255
+        && text.bytes().all(|b| b.is_ascii_graphic() || b == b' ')
+        && essence
+            .trim()
+            .split_once('/')
+            .is_some_and(|(kind, sub)| !kind.is_empty() && !sub.is_empty() && !sub.contains('/'));
+    if valid {
+        Ok(Some(text))
+    } else {
+        Err(serde::de::Error::custom(format!(
+            "content_type {text:?} is not a MIME type such as \"application/json\""
+        )))
+    }
+}
+
 fn size<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<u64>, D::Error> {
     match Value::deserialize(deserializer)? {
         Value::Number(bytes) => Ok(Some(bytes)),
@@ -164,6 +190,20 @@ mod tests {
             Limits::DEFAULT
         );
         assert_eq!(parse("").unwrap().limits, LimitOverrides::default());
+    }
+
+    #[test]
+    fn a_content_type_is_a_mime_type() {
+        let manifest = parse("content_type = \"application/json; charset=utf-8\"\n").unwrap();
+        assert_eq!(
+            manifest.content_type.as_deref(),
+            Some("application/json; charset=utf-8")
+        );
+        assert_eq!(parse("").unwrap().content_type, None);
+        for bad in ["json", "", "a/b/c", "text/plain\u{7}", "/json"] {
+            let text = format!("content_type = {bad:?}\n");
+            assert!(parse(&text).is_err(), "{bad:?} was taken");
+        }
     }
 
     #[test]

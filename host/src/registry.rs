@@ -17,6 +17,7 @@ use crate::names::ModuleName;
 use crate::runtime::{Limits, Module, Runtime, Wasm};
 use crate::units::{Bytes, display_millis};
 use crate::watch::module_stem;
+use crate::wire::DEFAULT_CONTENT_TYPE;
 
 /// A module ready to serve requests.
 pub struct LoadedModule {
@@ -27,6 +28,8 @@ pub struct LoadedModule {
     /// is. Replies carry it.
     pub version: String,
     pub path: PathBuf,
+    /// The `content_type` of its successful replies.
+    pub content_type: String,
 }
 
 /// The set of modules a node serves; cheap to read from many requests at once.
@@ -214,45 +217,15 @@ impl Loader {
         path: &Path,
         current: Option<&LoadedModule>,
     ) -> anyhow::Result<Option<LoadedModule>> {
-        let mut limits = match Manifest::beside(path)? {
-            Some(manifest) => manifest.limits.apply_to(&self.limits).map_err(|error| {
-                anyhow::anyhow!(
-                    "invalid manifest {}: {error}",
-                    path.with_extension("toml").display()
-                )
-            })?,
-            None => self.limits.clone(),
-        };
-        if limits.reply > self.max_reply {
-            tracing::warn!(
-                module = %name,
-                "its manifest sets a reply limit of {}, more than the broker accepts: using {}",
-                Bytes(limits.reply as u64),
-                Bytes(self.max_reply as u64)
-            );
-            limits.reply = self.max_reply;
-        }
-        let bytes = tokio::fs::read(path)
-            .await
-            .with_context(|| format!("failed to read {}", path.display()))?;
-        let wasm = Wasm::new(bytes);
-        if let Some(current) = current
-            && current.module.digest() == wasm.digest()
-            && *current.module.limits() == limits
-        {
-            return Ok(None);
-        }
-        let runtime = self.runtime.clone();
-        let module = tokio::task::spawn_blocking(move || runtime.compile(&wasm, &limits))
-            .await
-            .context("the compiler thread panicked")?
-            .with_context(|| format!("module {name} cannot be served"))?;
-        Ok(Some(LoadedModule {
-            name: name.clone(),
-            version: module.digest()[..16].to_owned(),
-            module,
-            path: path.to_owned(),
-        }))
+        load_file(
+            &self.runtime,
+            name,
+            path,
+            &self.limits,
+            self.max_reply,
+            current,
+        )
+        .await
     }
 
     fn stems_on_disk(&self) -> anyhow::Result<BTreeSet<String>> {
@@ -268,4 +241,60 @@ impl Loader {
             .filter_map(|entry| module_stem(&entry.path()))
             .collect())
     }
+}
+
+/// Reads, hashes and compiles the module at `path` as `name`, with `limits`
+/// changed by its manifest if it has one, and no reply limit above
+/// `max_reply`. `None` if `current` is the very same build, limits and
+/// content type.
+pub async fn load_file(
+    runtime: &Runtime,
+    name: &ModuleName,
+    path: &Path,
+    limits: &Limits,
+    max_reply: usize,
+    current: Option<&LoadedModule>,
+) -> anyhow::Result<Option<LoadedModule>> {
+    let manifest = Manifest::beside(path)?.unwrap_or_default();
+    let mut limits = manifest.limits.apply_to(limits).map_err(|error| {
+        anyhow::anyhow!(
+            "invalid manifest {}: {error}",
+            path.with_extension("toml").display()
+        )
+    })?;
+    if limits.reply > max_reply {
+        tracing::warn!(
+            module = %name,
+            "its manifest sets a reply limit of {}, more than the broker accepts: using {}",
+            Bytes(limits.reply as u64),
+            Bytes(max_reply as u64)
+        );
+        limits.reply = max_reply;
+    }
+    let content_type = manifest
+        .content_type
+        .unwrap_or_else(|| DEFAULT_CONTENT_TYPE.to_owned());
+    let bytes = tokio::fs::read(path)
+        .await
+        .with_context(|| format!("failed to read {}", path.display()))?;
+    let wasm = Wasm::new(bytes);
+    if let Some(current) = current
+        && current.module.digest() == wasm.digest()
+        && *current.module.limits() == limits
+        && current.content_type == content_type
+    {
+        return Ok(None);
+    }
+    let runtime = runtime.clone();
+    let module = tokio::task::spawn_blocking(move || runtime.compile(&wasm, &limits))
+        .await
+        .context("the compiler thread panicked")?
+        .with_context(|| format!("module {name} cannot be served"))?;
+    Ok(Some(LoadedModule {
+        name: name.clone(),
+        version: module.digest()[..16].to_owned(),
+        module,
+        path: path.to_owned(),
+        content_type,
+    }))
 }

@@ -24,18 +24,22 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
 use crate::amqp::header_u64;
+use crate::metrics::{Limit, Metrics};
 use crate::names::ModuleName;
 use crate::registry::LoadedModule;
 use crate::replies::{Replies, ReplyError};
 use crate::stats::Stats;
+use crate::trace::TraceParent;
 use crate::wire::{
-    DEADLINE_HEADER, DELIVERY_COUNT_HEADER, ERROR_HEADER, ErrorKind, TIMEOUT_HEADER, VERSION_HEADER,
+    APP_ID, DEADLINE_HEADER, DEFAULT_CONTENT_TYPE, DELIVERY_COUNT_HEADER, ERROR_CONTENT_TYPE,
+    ERROR_HEADER, ErrorKind, TIMEOUT_HEADER, TRACEPARENT_HEADER, TRACESTATE_HEADER, VERSION_HEADER,
 };
 
 /// What a request task may use of the node.
 pub(crate) struct Context {
     pub replies: Arc<Replies>,
     pub stats: Arc<Stats>,
+    pub metrics: Arc<Metrics>,
     /// Requests in progress at once (the runtime's instances).
     pub slots: Arc<Semaphore>,
     /// Each module's share of them.
@@ -82,7 +86,10 @@ pub(crate) struct Reply {
     error: Option<ErrorKind>,
     /// The version of the module that produced it, if one did.
     version: Option<String>,
-    content_type: Option<&'static str>,
+    content_type: Option<String>,
+    /// The trace context to answer with: the node's span of the caller's
+    /// trace, and the caller's `tracestate`.
+    trace: Option<(TraceParent, Option<LongString>)>,
 }
 
 impl Reply {
@@ -92,6 +99,7 @@ impl Reply {
             error: None,
             version: None,
             content_type: None,
+            trace: None,
         }
     }
 
@@ -100,43 +108,59 @@ impl Reply {
             body: message.into().into_bytes(),
             error: Some(kind),
             version: None,
-            content_type: Some("text/plain; charset=utf-8"),
+            content_type: Some(ERROR_CONTENT_TYPE.to_owned()),
+            trace: None,
         }
     }
 
     pub(crate) fn json(body: Vec<u8>) -> Self {
         Reply {
-            content_type: Some("application/json"),
+            content_type: Some("application/json".to_owned()),
             ..Reply::ok(body)
         }
     }
 
     fn properties(&self, correlation_id: Option<&ShortString>) -> BasicProperties {
-        let mut properties = BasicProperties::default();
+        let mut properties = BasicProperties::default()
+            .with_app_id(APP_ID.into())
+            .with_timestamp(unix_seconds())
+            .with_content_type(
+                self.content_type
+                    .as_deref()
+                    .unwrap_or(DEFAULT_CONTENT_TYPE)
+                    .into(),
+            );
         if let Some(correlation_id) = correlation_id {
             properties = properties.with_correlation_id(correlation_id.clone());
         }
         let mut headers = FieldTable::default();
+        let mut header = |name: &str, value: LongString| {
+            headers.insert(name.into(), AMQPValue::LongString(value));
+        };
         if let Some(kind) = self.error {
-            headers.insert(
-                ERROR_HEADER.into(),
-                AMQPValue::LongString(LongString::from(kind.as_str())),
-            );
+            header(ERROR_HEADER, kind.as_str().into());
         }
         if let Some(version) = &self.version {
-            headers.insert(
-                VERSION_HEADER.into(),
-                AMQPValue::LongString(LongString::from(version.as_str())),
-            );
+            header(VERSION_HEADER, version.as_str().into());
+        }
+        if let Some((parent, state)) = &self.trace {
+            header(TRACEPARENT_HEADER, parent.to_string().into());
+            if let Some(state) = state {
+                header(TRACESTATE_HEADER, state.clone());
+            }
         }
         if !headers.inner().is_empty() {
             properties = properties.with_headers(headers);
         }
-        if let Some(content_type) = self.content_type {
-            properties = properties.with_content_type(content_type.into());
-        }
         properties
     }
+}
+
+fn unix_seconds() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
 }
 
 /// What a delivery is for.
@@ -166,20 +190,77 @@ pub(crate) async fn handle(context: Arc<Context>, target: Target, delivery: Deli
         .as_ref()
         .map_or("", ShortString::as_str)
         .to_owned();
-    let span = tracing::info_span!("request", module = %delivery.routing_key, %correlation_id);
-    handle_in_span(&context, target, delivery)
+    let span = tracing::info_span!(
+        "request",
+        module = %delivery.routing_key,
+        %correlation_id,
+        version = tracing::field::Empty,
+        trace_id = tracing::field::Empty,
+        span_id = tracing::field::Empty,
+    );
+    let trace = trace_context(&delivery, &span);
+    handle_in_span(&context, target, delivery, trace)
         .instrument(span)
         .await;
 }
 
-async fn handle_in_span(context: &Context, target: Target, delivery: Delivery) {
+/// The caller's trace context, if it sent a valid one, continued by a span
+/// of the node's own, which the request's log span records. A malformed one
+/// is the caller's business: it costs a debug line, never the request.
+fn trace_context(
+    delivery: &Delivery,
+    span: &tracing::Span,
+) -> Option<(TraceParent, Option<LongString>)> {
+    let headers = delivery.properties.headers().as_ref()?;
+    let value = headers.inner().get(TRACEPARENT_HEADER)?;
+    let parsed = match value {
+        AMQPValue::LongString(text) => String::from_utf8_lossy(text.as_bytes()).parse(),
+        AMQPValue::ShortString(text) => text.as_str().parse(),
+        _ => {
+            tracing::debug!(parent: span, "ignoring a traceparent header that is not a string");
+            return None;
+        }
+    };
+    let ours = match parsed {
+        Ok(parent) => TraceParent::child(&parent),
+        Err(error) => {
+            tracing::debug!(parent: span, "ignoring the request's trace context: {error}");
+            return None;
+        }
+    };
+    span.record("trace_id", ours.trace_id());
+    span.record("span_id", ours.span_id());
+    let state = match headers.inner().get(TRACESTATE_HEADER) {
+        Some(AMQPValue::LongString(state)) => Some(state.clone()),
+        _ => None,
+    };
+    Some((ours, state))
+}
+
+async fn handle_in_span(
+    context: &Context,
+    target: Target,
+    delivery: Delivery,
+    trace: Option<(TraceParent, Option<LongString>)>,
+) {
     let received = Instant::now();
+    let module = match &target {
+        Target::Module(module) => {
+            tracing::Span::current().record("version", module.version.as_str());
+            if let Some(wait) = queue_wait(&delivery) {
+                context.metrics.waited(&module.name, wait);
+            }
+            Some(module.name.clone())
+        }
+        Target::Unrouted => None,
+    };
     if delivery.properties.reply_to().is_none() {
         tracing::warn!("dropping request without reply_to: there is nobody to answer");
         settle(context, &delivery, Settlement::Ack).await;
+        count(context, module.as_ref(), Some(ErrorKind::BadRequest));
         return;
     }
-    let outcome = match target {
+    let mut outcome = match target {
         Target::Unrouted => Outcome {
             reply: unrouted(delivery.routing_key.as_str()),
             settlement: Settlement::Ack,
@@ -190,6 +271,7 @@ async fn handle_in_span(context: &Context, target: Target, delivery: Delivery) {
             None => return,
         },
     };
+    outcome.reply.trace = trace;
 
     let Some(reply) = answer(context, &delivery, outcome.reply, outcome.settlement).await else {
         return;
@@ -197,6 +279,7 @@ async fn handle_in_span(context: &Context, target: Target, delivery: Delivery) {
     if let Some(name) = outcome.ran {
         context.stats.record(&name, reply.error.is_some());
     }
+    count(context, module.as_ref(), reply.error);
     let elapsed_ms = (received.elapsed().as_secs_f64() * 1e5).round() / 100.0;
     match reply.error {
         // At info, a line per call would cost a busy node a third of its
@@ -205,10 +288,36 @@ async fn handle_in_span(context: &Context, target: Target, delivery: Delivery) {
         Some(kind) => tracing::warn!(
             elapsed_ms,
             error = %kind,
-            message = %String::from_utf8_lossy(&reply.body),
+            detail = %String::from_utf8_lossy(&reply.body),
             "failed"
         ),
     }
+}
+
+/// Counts an answered request in the metrics.
+fn count(context: &Context, module: Option<&ModuleName>, error: Option<ErrorKind>) {
+    match module {
+        Some(module) => context.metrics.answered(module, error),
+        None => context
+            .metrics
+            .unrouted(error.unwrap_or(ErrorKind::NotFound)),
+    }
+}
+
+/// How long the request waited since its caller stamped it (the AMQP
+/// `timestamp`, in seconds; a value too large for seconds is read as
+/// milliseconds, as some clients send). `None` without a stamp, or with one
+/// from the future (clocks differ).
+fn queue_wait(delivery: &Delivery) -> Option<Duration> {
+    let stamp = (*delivery.properties.timestamp())?;
+    // Seconds since 1970 stay below 10^11 until the year 5138.
+    let stamp = if stamp >= 100_000_000_000 {
+        Duration::from_millis(stamp)
+    } else {
+        Duration::from_secs(stamp)
+    };
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).ok()?;
+    now.checked_sub(stamp)
 }
 
 /// What a request comes to before its reply goes out.
@@ -266,10 +375,10 @@ async fn run_module(
             return None;
         }
     };
-    tracing::debug!(redelivered = delivery.redelivered, version = %module.version, "running");
+    tracing::debug!(redelivered = delivery.redelivered, "running");
     let running = context.stats.run();
     let reply = tokio::select! {
-        reply = run(&module, &delivery.data, deadline) => reply,
+        reply = run(context, &module, &delivery.data, deadline) => reply,
         // Dropping the call stops the guest at once and frees its slot for
         // the requests of the next session.
         () = context.lost.cancelled() => {
@@ -285,10 +394,26 @@ async fn run_module(
     })
 }
 
-async fn run(module: &LoadedModule, input: &[u8], deadline: Option<Instant>) -> Reply {
-    let reply = match module.module.call(input, deadline).await {
-        Ok(output) => Reply::ok(output),
-        Err(error) => Reply::error(ErrorKind::from(&error), format!("{}: {error}", module.name)),
+async fn run(
+    context: &Context,
+    module: &LoadedModule,
+    input: &[u8],
+    deadline: Option<Instant>,
+) -> Reply {
+    let started = Instant::now();
+    let result = module.module.call(input, deadline).await;
+    context.metrics.ran(&module.name, started.elapsed());
+    let reply = match result {
+        Ok(output) => Reply {
+            content_type: Some(module.content_type.clone()),
+            ..Reply::ok(output)
+        },
+        Err(error) => {
+            if let Some(limit) = Limit::of(&error) {
+                context.metrics.tripped(&module.name, limit);
+            }
+            Reply::error(ErrorKind::from(&error), format!("{}: {error}", module.name))
+        }
     };
     Reply {
         version: Some(module.version.clone()),
@@ -339,8 +464,12 @@ async fn answer(
                     "the reply is larger than the broker accepts: answering too_large"
                 );
                 let module = delivery.routing_key.as_str();
+                if let Ok(name) = module.parse() {
+                    context.metrics.tripped(&name, Limit::Reply);
+                }
                 reply = Reply {
                     version: reply.version.take(),
+                    trace: reply.trace.take(),
                     ..Reply::error(
                         ErrorKind::TooLarge,
                         format!(
@@ -380,7 +509,12 @@ pub(crate) async fn answer_unserved(context: &Context, delivery: &Delivery, name
         ErrorKind::NotFound,
         format!("no node serves module {:?} any more", name.as_str()),
     );
-    answer(context, delivery, reply, Settlement::Ack).await;
+    if answer(context, delivery, reply, Settlement::Ack)
+        .await
+        .is_some()
+    {
+        context.metrics.answered(name, Some(ErrorKind::NotFound));
+    }
 }
 
 /// Hands a delivery back to its queue unhandled.

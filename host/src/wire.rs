@@ -10,7 +10,8 @@
 //! - The exchange's alternate exchange catches requests no queue is bound for;
 //!   every node consumes the queue behind it and answers `not_found`.
 //! - Replies go through the default exchange to `reply_to`, with the request's
-//!   `correlation_id`; a failed request's reply carries [`ERROR_HEADER`].
+//!   `correlation_id`, `app_id` [`APP_ID`] and a `timestamp`; a failed
+//!   request's reply carries [`ERROR_HEADER`].
 
 use std::fmt;
 
@@ -36,6 +37,26 @@ pub const TIMEOUT_HEADER: &str = "x-timeout-ms";
 /// A request header: the Unix time, in milliseconds, by which the caller
 /// needs the reply. Counts time spent queued; needs synchronized clocks.
 pub const DEADLINE_HEADER: &str = "x-deadline";
+
+/// A request header: the caller's W3C trace context. A valid one is
+/// recorded in the node's log of the request and answered with a
+/// `traceparent` of the same trace, whose parent is the node's span; an
+/// invalid one is ignored.
+pub const TRACEPARENT_HEADER: &str = "traceparent";
+
+/// Vendor trace data that travels with [`TRACEPARENT_HEADER`]; a node passes
+/// it back unchanged.
+pub const TRACESTATE_HEADER: &str = "tracestate";
+
+/// The `app_id` of every reply.
+pub const APP_ID: &str = "wasmrpc";
+
+/// The `content_type` of a module's successful replies unless its manifest
+/// names another.
+pub const DEFAULT_CONTENT_TYPE: &str = "application/octet-stream";
+
+/// The `content_type` of error replies: their body is a message for humans.
+pub const ERROR_CONTENT_TYPE: &str = "text/plain; charset=utf-8";
 
 /// Set by quorum queues on every delivery: how many times the request was
 /// delivered before and not acked.

@@ -79,3 +79,59 @@ async fn an_artifact_this_node_did_not_write_is_never_loaded() {
     );
     assert_eq!(node.call("fib", "30").await.body, b"832040");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn replacing_a_module_again_and_again_keeps_the_cache_under_its_cap() {
+    use crate::live::{install, version_of};
+    use crate::support::guests;
+
+    let cache = tempfile::tempdir().unwrap();
+    start(cache.path()).await.stop().await.unwrap();
+    let [first] = artifacts(cache.path()).try_into().unwrap();
+    let entry = std::fs::metadata(&first).unwrap().len();
+    // Room for two compiled versions of fib, not three.
+    let cap = entry * 5 / 2;
+    let dir = cache.path().to_owned();
+    let node = TestNode::setup(&["fib"])
+        .config(move |config| {
+            config.cache_dir = Some(dir);
+            config.cache_size = cap;
+        })
+        .start()
+        .await;
+    let fib_name: ModuleName = "fib".parse().unwrap();
+    let fib = std::fs::read(guests::wasm("fib")).unwrap();
+    let mut newest = Vec::new();
+    for round in 0..4 {
+        newest = guests::variant(&fib, &format!("round {round}"));
+        install(node.modules_path(), "fib", &newest);
+        let started = std::time::Instant::now();
+        while node.registry.get(&fib_name).unwrap().version != version_of(&newest) {
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(10),
+                "round {round} was never loaded"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        let total: u64 = artifacts(cache.path())
+            .iter()
+            .map(|path| std::fs::metadata(path).unwrap().len())
+            .sum();
+        assert!(
+            total <= cap,
+            "round {round}: {total} bytes cached, cap {cap}"
+        );
+    }
+    assert_eq!(artifacts(cache.path()).len(), 2);
+    assert_eq!(node.call("fib", "30").await.body, b"832040");
+    drop(node);
+
+    // What was kept is what serves: a restart loads it without compiling.
+    let dir = cache.path().to_owned();
+    let node = TestNode::setup(&[])
+        .file("fib.wasm", newest)
+        .config(move |config| config.cache_dir = Some(dir))
+        .start()
+        .await;
+    assert!(from_cache(&node), "the version serving was evicted");
+}

@@ -5,7 +5,7 @@ use std::process::{Command, Output, Stdio};
 
 use crate::support::{TestNode, amqp_url, unique};
 
-fn wasmrpc(exchange: &str, args: &[&str]) -> Command {
+pub(crate) fn wasmrpc(exchange: &str, args: &[&str]) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_wasmrpc"));
     command
         .args(args)
@@ -16,13 +16,13 @@ fn wasmrpc(exchange: &str, args: &[&str]) -> Command {
 }
 
 /// Runs `wasmrpc` off the async runtime, so the in-process node keeps serving.
-async fn run(mut command: Command) -> Output {
+pub(crate) async fn run(mut command: Command) -> Output {
     tokio::task::spawn_blocking(move || command.output().expect("failed to run wasmrpc"))
         .await
         .unwrap()
 }
 
-fn text(bytes: &[u8]) -> String {
+pub(crate) fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
@@ -299,7 +299,7 @@ async fn ping_with_no_live_node_says_so_and_exits_3() {
     let output = run(wasmrpc(node.exchange(), &["ping", "--wait", "300ms"])).await;
     assert_eq!(output.status.code(), Some(3));
     assert!(
-        text(&output.stderr).starts_with("no node answered within 0.3 s"),
+        text(&output.stderr).starts_with("error: no node answered within 0.3 s"),
         "{}",
         text(&output.stderr)
     );

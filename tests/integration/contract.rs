@@ -211,3 +211,46 @@ async fn classic_queues_an_earlier_version_declared_are_served_as_they_are() {
     let reply = node.call("nosuchmodule", "1").await;
     assert_eq!(reply.error.as_deref(), Some("not_found"));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn replies_say_what_they_are_who_sent_them_and_when() {
+    let node = TestNode::setup(&["fib", "spin"])
+        .manifest("fib", "content_type = \"application/json\"\n")
+        .start()
+        .await;
+    let mut client = RawClient::connect().await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let content_type = |reply: &lapin::message::Delivery| {
+        reply
+            .properties
+            .content_type()
+            .as_ref()
+            .map(|value| value.to_string())
+    };
+
+    let fib = client.call(node.exchange(), "fib", b"10").await;
+    let spin = client.call(node.exchange(), "spin", b"1").await;
+    let failed = client.call(node.exchange(), "fib", b"ten").await;
+    assert_eq!(content_type(&fib).as_deref(), Some("application/json"));
+    assert_eq!(
+        content_type(&spin).as_deref(),
+        Some("application/octet-stream"),
+        "the default, without a manifest"
+    );
+    assert_eq!(error_header(&failed).as_deref(), Some("bad_request"));
+    assert_eq!(
+        content_type(&failed).as_deref(),
+        Some("text/plain; charset=utf-8")
+    );
+    for reply in [&fib, &spin, &failed] {
+        assert_eq!(
+            reply.properties.app_id().as_ref().map(|id| id.as_str()),
+            Some("wasmrpc")
+        );
+        let stamp = reply.properties.timestamp().expect("a timestamp");
+        assert!(stamp.abs_diff(now) <= 60, "timestamp {stamp}, now {now}");
+    }
+}

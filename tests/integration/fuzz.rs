@@ -14,7 +14,7 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use crate::support::TestNode;
 use crate::support::raw::{RawClient, correlation_id};
 
-const MODULES: [&str; 5] = ["fib", "spin", "panic", "flood", "escape"];
+pub(crate) const MODULES: [&str; 5] = ["fib", "spin", "panic", "flood", "escape"];
 
 fn random_text(rng: &mut fastrand::Rng, max: usize) -> String {
     const CHARS: &[char] = &[
@@ -43,7 +43,7 @@ fn random_value(rng: &mut fastrand::Rng) -> AMQPValue {
     }
 }
 
-fn random_body(rng: &mut fastrand::Rng) -> Vec<u8> {
+pub(crate) fn random_body(rng: &mut fastrand::Rng) -> Vec<u8> {
     match rng.u8(0..6) {
         0 => Vec::new(),
         1 => rng.u32(0..3000).to_string().into_bytes(),

@@ -14,7 +14,7 @@ use crate::support::guests::variant;
 use crate::support::{TestNode, guests, unique};
 
 /// The version a node gives these bytes: the start of their SHA-256.
-fn version_of(wasm: &[u8]) -> String {
+pub(crate) fn version_of(wasm: &[u8]) -> String {
     use sha2::Digest as _;
     let digest = sha2::Sha256::digest(wasm);
     digest[..8]
@@ -25,7 +25,7 @@ fn version_of(wasm: &[u8]) -> String {
 
 /// Puts `bytes` in place as `dir/NAME.wasm` the documented safe way: written
 /// beside under a name the node ignores, then renamed.
-fn install(dir: &Path, name: &str, bytes: &[u8]) {
+pub(crate) fn install(dir: &Path, name: &str, bytes: &[u8]) {
     let partial = dir.join(format!(".{name}.wasm.partial"));
     std::fs::write(&partial, bytes).unwrap();
     std::fs::rename(&partial, dir.join(format!("{name}.wasm"))).unwrap();

@@ -13,13 +13,17 @@
 //! was prefetched but not started, then close.
 
 mod control;
+mod probe;
 mod session;
 mod subscriptions;
 
+pub use self::probe::Probe;
+
+use std::collections::BTreeSet;
 use std::future::Future;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use backon::{ExponentialBuilder, Retryable as _};
@@ -29,6 +33,7 @@ use tokio_util::task::TaskTracker;
 
 use self::session::{Ended, OpenError, Session};
 use crate::amqp::Brokers;
+use crate::metrics::Metrics;
 use crate::names::ModuleName;
 use crate::registry::{Loader, Registry, Update};
 use crate::replies::Replies;
@@ -59,6 +64,9 @@ pub struct NodeConfig {
     pub delivery_limit: u32,
     /// Where compiled modules are cached between runs; `None` for no cache.
     pub cache_dir: Option<PathBuf>,
+    /// The most bytes the cache may hold; past it, the entries used least
+    /// recently go.
+    pub cache_size: u64,
     /// The largest message body the broker accepts (RabbitMQ's
     /// `max_message_size`): no module's reply limit is higher.
     pub max_message: usize,
@@ -82,6 +90,7 @@ impl NodeConfig {
             limits: Limits::default(),
             delivery_limit: Self::DEFAULT_DELIVERY_LIMIT,
             cache_dir: None,
+            cache_size: crate::runtime::DEFAULT_CACHE_SIZE,
             max_message: Self::DEFAULT_MAX_MESSAGE,
         }
     }
@@ -140,6 +149,7 @@ pub(crate) struct Shared {
     pub registry: Arc<Registry>,
     pub topology: Topology,
     pub stats: Arc<Stats>,
+    pub metrics: Arc<Metrics>,
     pub replies: Arc<Replies>,
     /// Requests in progress at once: the runtime's instances.
     pub slots: Arc<Semaphore>,
@@ -147,6 +157,10 @@ pub(crate) struct Shared {
     pub shares: Arc<Shares>,
     /// Cancelled when the node begins to shut down.
     pub stopping: CancellationToken,
+    /// The modules the current session is subscribed to; empty without one.
+    pub subscribed: Mutex<BTreeSet<ModuleName>>,
+    /// Why the node has no session, while it has none.
+    pub broker_error: Mutex<Option<String>>,
 }
 
 /// A node that has loaded its modules; [`Node::serve`] connects it.
@@ -175,7 +189,8 @@ impl Node {
             );
             config.limits.reply = config.max_message;
         }
-        let runtime_config = RuntimeConfig::new(config.concurrency, config.cache_dir.clone());
+        let mut runtime_config = RuntimeConfig::new(config.concurrency, config.cache_dir.clone());
+        runtime_config.cache_size = config.cache_size;
         let instances = runtime_config.max_instances;
         let runtime = Runtime::new(&runtime_config)?;
         // Watch before the first scan, so nothing that changes during it is missed.
@@ -213,12 +228,15 @@ impl Node {
                 registry,
                 topology: Topology::new(&config.exchange),
                 stats: Arc::default(),
+                metrics: Arc::default(),
                 replies: Arc::new(replies),
                 slots: Arc::new(Semaphore::new(instances as usize)),
                 // Half the instances: a module whose requests sleep or loop
                 // leaves the other half to the rest.
                 shares: Arc::new(Shares::new((instances as usize / 2).max(1))),
                 stopping: CancellationToken::new(),
+                subscribed: Mutex::default(),
+                broker_error: Mutex::default(),
             }),
             brokers: config.brokers,
             updates,
@@ -253,6 +271,15 @@ impl Node {
         self.state.subscribe()
     }
 
+    /// Readiness and metrics, for the HTTP endpoint; live after
+    /// [`Node::serve`] takes the node.
+    pub fn probe(&self) -> Probe {
+        Probe {
+            shared: self.shared.clone(),
+            state: self.state.subscribe(),
+        }
+    }
+
     /// Serves requests until `shutdown` completes, through as many broker
     /// sessions as it takes, then stops consuming, finishes the requests in
     /// flight and closes.
@@ -285,8 +312,12 @@ impl Node {
                 Some(Ok(session)) => session,
                 Some(Err(error)) => break Err(error),
             };
+            if sessions > 0 {
+                self.shared.metrics.reconnected();
+            }
             sessions = session.number;
             broker = session.broker;
+            *self.shared.broker_error.lock().expect("node lock") = None;
             self.state.send_replace(State::Serving {
                 broker: self.brokers.get(broker).to_string(),
                 session: sessions,
@@ -302,6 +333,9 @@ impl Node {
                     break Ok(());
                 }
                 Ended::Lost(error) => {
+                    self.shared.subscribed.lock().expect("node lock").clear();
+                    *self.shared.broker_error.lock().expect("node lock") =
+                        Some(format!("{error:#}"));
                     tracing::warn!(
                         node = %self.shared.id,
                         session = sessions,
@@ -350,6 +384,7 @@ async fn open_session(
         .notify(|error, delay| {
             // The next attempt starts with the next broker.
             next.fetch_add(1, Ordering::Relaxed);
+            *shared.broker_error.lock().expect("node lock") = Some(format!("{:#}", error.cause()));
             let attempt = attempts.load(Ordering::Relaxed);
             if attempt.is_power_of_two() {
                 tracing::warn!(

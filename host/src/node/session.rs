@@ -212,6 +212,7 @@ impl Session {
         let context = Arc::new(Context {
             replies: shared.replies.clone(),
             stats: shared.stats.clone(),
+            metrics: shared.metrics.clone(),
             slots: shared.slots.clone(),
             shares: shared.shares.clone(),
             delivery_limit: shared.delivery_limit,
@@ -219,7 +220,7 @@ impl Session {
             stopping: shared.stopping.clone(),
             lost: CancellationToken::new(),
         });
-        Ok(Session {
+        let session = Session {
             number,
             broker,
             shared: shared.clone(),
@@ -228,7 +229,15 @@ impl Session {
             deliveries,
             subscriptions,
             context,
-        })
+        };
+        session.publish_subscribed();
+        Ok(session)
+    }
+
+    /// Tells the node's probe which modules this session consumes.
+    fn publish_subscribed(&self) {
+        *self.shared.subscribed.lock().expect("node lock") =
+            self.subscriptions.active().cloned().collect();
     }
 
     /// Serves deliveries and follows registry updates until `shutdown`
@@ -243,14 +252,20 @@ impl Session {
             tokio::select! {
                 biased;
                 () = shutdown.as_mut() => return Ended::Shutdown,
-                Some(update) = updates.recv() => self.follow(update, tasks).await,
+                Some(update) = updates.recv() => {
+                    self.follow(update, tasks).await;
+                    self.publish_subscribed();
+                }
                 next = self.deliveries.next() => match next {
                     Some((source, Some(Ok(delivery)))) => self.dispatch(source, delivery, tasks).await,
                     Some((source, Some(Err(error)))) => {
                         // lapin's error already names its cause: don't chain it.
                         return Ended::Lost(anyhow::anyhow!("consuming {source} failed: {error}"));
                     }
-                    Some((Source::Module(name), None)) => self.ended(name, tasks).await,
+                    Some((Source::Module(name), None)) => {
+                        self.ended(name, tasks).await;
+                        self.publish_subscribed();
+                    }
                     Some((source, None)) => {
                         return Ended::Lost(anyhow::anyhow!("the broker cancelled the subscription to {source}"));
                     }

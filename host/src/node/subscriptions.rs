@@ -151,6 +151,14 @@ impl Subscriptions {
         }
     }
 
+    /// The modules whose requests this session receives now.
+    pub fn active(&self) -> impl Iterator<Item = &ModuleName> {
+        self.modules
+            .iter()
+            .filter(|(_, state)| matches!(state, State::Active { .. }))
+            .map(|(name, _)| name)
+    }
+
     /// Cancels every subscription, for shutdown.
     pub async fn cancel_all(&mut self, consume: &Channel) {
         let modules = self.modules.drain().filter_map(|(_, state)| match state {

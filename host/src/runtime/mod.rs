@@ -36,7 +36,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::PollSemaphore;
 
 use self::cache::ArtifactCache;
-pub use self::cache::KEY_FILE as CACHE_KEY_FILE;
+pub use self::cache::{DEFAULT_SIZE as DEFAULT_CACHE_SIZE, KEY_FILE as CACHE_KEY_FILE};
 pub use self::limits::Limits;
 use self::sandbox::{DeadlineExceeded, MemoryLimitExceeded, Sandbox};
 use crate::units::{Bytes, display_millis};
@@ -77,6 +77,8 @@ pub struct RuntimeConfig {
     pub max_running: u32,
     /// Where compiled modules are kept between runs; `None` compiles every time.
     pub cache_dir: Option<PathBuf>,
+    /// The most bytes of compiled code the cache keeps.
+    pub cache_size: u64,
 }
 
 impl RuntimeConfig {
@@ -88,6 +90,7 @@ impl RuntimeConfig {
             max_instances: max_running.saturating_mul(INSTANCES_PER_RUNNING),
             max_running,
             cache_dir,
+            cache_size: DEFAULT_CACHE_SIZE,
         }
     }
 }
@@ -124,7 +127,7 @@ impl Runtime {
     pub fn new(config: &RuntimeConfig) -> anyhow::Result<Self> {
         // A cache is an optimisation: a node that cannot have one still serves.
         let cache = config.cache_dir.as_deref().and_then(|dir| {
-            ArtifactCache::open(dir)
+            ArtifactCache::open(dir, config.cache_size)
                 .inspect_err(|error| tracing::warn!("compiling without a cache: {error:#}"))
                 .ok()
                 .map(Arc::new)

@@ -4,6 +4,7 @@
 pub mod broker;
 pub mod compare;
 pub mod guests;
+pub mod http;
 pub mod ledger;
 pub mod node;
 pub mod oracle;

@@ -1,5 +1,6 @@
 //! A real node, in this process, on the real broker, under a fresh exchange.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,6 +29,8 @@ pub struct TestNode {
     pub id: String,
     modules: Vec<ModuleName>,
     pub stats: Arc<Stats>,
+    /// Where its HTTP endpoint listens, if it was started with one.
+    pub http: Option<SocketAddr>,
     stop: CancellationToken,
     serving: Option<JoinHandle<anyhow::Result<()>>>,
     /// Dropped after `drop` has told the node to stop.
@@ -36,6 +39,7 @@ pub struct TestNode {
 
 /// What a test node serves and how it is configured, before it starts.
 pub struct Setup {
+    http: bool,
     guests: Vec<String>,
     files: Vec<(String, Vec<u8>)>,
     /// Its modules directory is filled in by `start`.
@@ -58,6 +62,13 @@ impl Setup {
     pub fn exchange(self, exchange: &str) -> Self {
         let exchange = exchange.to_owned();
         self.config(move |config| config.exchange = exchange)
+    }
+
+    /// Serves the HTTP endpoint too, on a free port of loopback; it answers
+    /// until the `TestNode` is dropped, after the node has stopped.
+    pub fn with_http(mut self) -> Self {
+        self.http = true;
+        self
     }
 
     /// Adjusts the node's configuration.
@@ -95,6 +106,7 @@ impl Setup {
                 .iter()
                 .filter_map(|name| name.parse().ok())
                 .collect(),
+            gone: CancellationToken::new(),
         };
         let node = Node::start(config).await?;
         let modules = node.modules();
@@ -103,6 +115,20 @@ impl Setup {
         let id = node.id().to_owned();
         let mut state = node.state();
         let stop = CancellationToken::new();
+        let http = match self.http {
+            true => {
+                let listener = wasmrpc::http::bind(([127, 0, 0, 1], 0).into()).await?;
+                let addr = listener.local_addr()?;
+                let endpoint = wasmrpc::http::serve(
+                    listener,
+                    node.probe(),
+                    cleanup.gone.clone().cancelled_owned(),
+                );
+                tokio::spawn(endpoint);
+                Some(addr)
+            }
+            false => None,
+        };
         let serving = tokio::spawn(node.serve(stop.clone().cancelled_owned()));
         // Serving means subscribed: requests published from now on reach it.
         // The state is gone only when `serve` has returned.
@@ -118,6 +144,7 @@ impl Setup {
             id,
             modules,
             stats,
+            http,
             stop,
             serving: Some(serving),
             _cleanup: cleanup,
@@ -134,6 +161,7 @@ impl TestNode {
     /// A node serving the named guests, to be configured further.
     pub fn setup(guests: &[&str]) -> Setup {
         Setup {
+            http: false,
             guests: guests.iter().map(|name| name.to_string()).collect(),
             files: Vec::new(),
             config: NodeConfig {
@@ -209,6 +237,8 @@ impl Drop for TestNode {
 pub struct Cleanup {
     pub topology: Topology,
     pub modules: Vec<ModuleName>,
+    /// Cancelled when dropped: what lives as long as the test's node does.
+    gone: CancellationToken,
 }
 
 impl Cleanup {
@@ -216,12 +246,14 @@ impl Cleanup {
         Cleanup {
             topology: Topology::new(exchange),
             modules: modules.iter().map(|name| name.parse().unwrap()).collect(),
+            gone: CancellationToken::new(),
         }
     }
 }
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
+        self.gone.cancel();
         let (topology, modules) = (self.topology.clone(), std::mem::take(&mut self.modules));
         // Drop cannot await, and may run inside a runtime: use a thread of its own.
         let _ = std::thread::spawn(move || {

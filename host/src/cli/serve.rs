@@ -1,0 +1,236 @@
+//! `wasmrpc serve`: run a node.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+
+use super::{Failure, Global, parse_size, runtime};
+use crate::manifest::LimitOverrides;
+use crate::node::{self, Node, NodeConfig};
+use crate::runtime::Limits;
+use crate::units::parse_duration;
+use crate::{http, shutdown};
+
+/// Run a node: serve every `.wasm` module in a directory until SIGINT or SIGTERM.
+///
+/// Each `NAME.wasm` is served as module NAME; files added, replaced or
+/// removed while it runs are followed. On the first signal the node stops
+/// taking requests, answers those in flight and exits 0; a second signal
+/// exits at once (unanswered requests return to their queues).
+///
+/// Example: `wasmrpc serve --modules modules --http 127.0.0.1:9090`
+#[derive(Debug, Args)]
+pub(super) struct ServeArgs {
+    /// Directory of `.wasm` modules to serve.
+    #[arg(long, env = "WASMRPC_MODULES", default_value = "modules")]
+    modules: PathBuf,
+
+    /// Serve `/metrics` (Prometheus), `/healthz` and `/readyz` over HTTP on
+    /// this address, e.g. `127.0.0.1:9090` or `0.0.0.0:9090` [default: off].
+    #[arg(long, env = "WASMRPC_HTTP")]
+    http: Option<SocketAddr>,
+
+    /// Guests that compute at once: the cores given to guests [default:
+    /// number of cores]. Four times as many requests may be in progress (a
+    /// guest waiting in a host call holds no core), at most half of them one
+    /// module's.
+    #[arg(long, env = "WASMRPC_CONCURRENCY", value_parser = clap::value_parser!(u32).range(1..=1024))]
+    concurrency: Option<u32>,
+
+    /// Requests the broker may hand this node per module before it acks them
+    /// [default: 16 × the concurrency].
+    #[arg(long, env = "WASMRPC_PREFETCH", value_parser = clap::value_parser!(u16).range(1..))]
+    prefetch: Option<u16>,
+
+    #[command(flatten)]
+    limits: LimitArgs,
+
+    /// Deliveries of one request, none of them answered (the nodes died or
+    /// were killed), after which it is poison: its caller is told and it is
+    /// moved to the dead-letter queue. Every node on an exchange must use
+    /// the same value.
+    #[arg(
+        long,
+        env = "WASMRPC_DELIVERY_LIMIT",
+        default_value_t = NodeConfig::DEFAULT_DELIVERY_LIMIT,
+        value_parser = clap::value_parser!(u32).range(1..),
+        help_heading = "Limits"
+    )]
+    delivery_limit: u32,
+
+    #[command(flatten)]
+    cache: CacheArgs,
+
+    /// The largest message the broker accepts: its `max_message_size`
+    /// (16MiB by default since RabbitMQ 4.0, 128MiB before). A reply larger
+    /// than this is answered `too_large`, and no module's reply limit is
+    /// higher. If the broker turns out to accept less, the node learns it
+    /// from the first refusal.
+    #[arg(
+        long,
+        env = "WASMRPC_MAX_MESSAGE_SIZE",
+        default_value = "16MiB",
+        value_parser = parse_size,
+        help_heading = "Limits"
+    )]
+    max_message_size: u64,
+}
+
+/// The limits of every module whose manifest (`NAME.toml` beside
+/// `NAME.wasm`) does not set its own; shared by `serve` and `run`.
+#[derive(Debug, Args)]
+pub(super) struct LimitArgs {
+    /// Wall-clock time a request may run, e.g. `10s`, `500ms` [default: 10s].
+    #[arg(long, env = "WASMRPC_TIME_LIMIT", value_parser = parse_duration, help_heading = "Limits")]
+    time_limit: Option<Duration>,
+
+    /// Linear memory a request may use, e.g. `128MiB` [default: 128MiB].
+    #[arg(long, env = "WASMRPC_MEMORY_LIMIT", value_parser = parse_size, help_heading = "Limits")]
+    memory_limit: Option<u64>,
+
+    /// Wasm stack a request may use, e.g. `512KiB` [default: 512KiB].
+    #[arg(long, env = "WASMRPC_STACK_LIMIT", value_parser = parse_size, help_heading = "Limits")]
+    stack_limit: Option<u64>,
+
+    /// Largest request body, checked before any wasm runs [default: 1MiB].
+    #[arg(long, env = "WASMRPC_REQUEST_LIMIT", value_parser = parse_size, help_heading = "Limits")]
+    request_limit: Option<u64>,
+
+    /// Largest reply body a module may produce [default: 16MiB].
+    #[arg(long, env = "WASMRPC_REPLY_LIMIT", value_parser = parse_size, help_heading = "Limits")]
+    reply_limit: Option<u64>,
+}
+
+impl LimitArgs {
+    /// The defaults with these flags applied, checked.
+    pub(super) fn limits(&self) -> Result<Limits, Failure> {
+        LimitOverrides {
+            time: self.time_limit,
+            memory: self.memory_limit,
+            stack: self.stack_limit,
+            request: self.request_limit,
+            reply: self.reply_limit,
+        }
+        .apply_to(&Limits::DEFAULT)
+        .map_err(|error| Failure::Usage(anyhow::anyhow!(error)))
+    }
+}
+
+/// Where compiled modules are kept between runs.
+#[derive(Debug, Args)]
+pub(super) struct CacheArgs {
+    /// Where compiled modules are cached between runs, so a restarted node
+    /// skips the compiler [default: $XDG_CACHE_HOME/wasmrpc, else
+    /// ~/.cache/wasmrpc].
+    #[arg(long, env = "WASMRPC_CACHE_DIR")]
+    cache_dir: Option<PathBuf>,
+
+    /// The most the cache may hold, e.g. `512MiB`; past it, the entries used
+    /// least recently are deleted.
+    #[arg(long, env = "WASMRPC_CACHE_SIZE", default_value = "1GiB", value_parser = parse_size)]
+    cache_size: u64,
+
+    /// Compile every module at every start; keep nothing on disk.
+    #[arg(long, conflicts_with = "cache_dir")]
+    no_cache: bool,
+}
+
+impl CacheArgs {
+    /// The cache directory and its size cap, or `None` for no cache.
+    pub(super) fn cache(&self) -> Option<(PathBuf, u64)> {
+        let dir = match (self.no_cache, &self.cache_dir) {
+            (true, _) => None,
+            (false, Some(dir)) => Some(dir.clone()),
+            (false, None) => default_cache_dir(),
+        };
+        dir.map(|dir| (dir, self.cache_size))
+    }
+}
+
+/// `$XDG_CACHE_HOME/wasmrpc`, else `~/.cache/wasmrpc`; none without a home.
+fn default_cache_dir() -> Option<PathBuf> {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .filter(|dir| !dir.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")))?;
+    Some(base.join("wasmrpc"))
+}
+
+pub(super) fn run(args: ServeArgs, global: &Global) -> Result<(), Failure> {
+    return_large_buffers_to_the_kernel();
+    let http = args.http;
+    let config = config(args, global)?;
+    // Guests compute on at most `concurrency` workers; one more keeps the
+    // broker connections flowing whatever the guests do.
+    let runtime = runtime(Some(config.concurrency as usize + 1))?;
+    runtime.block_on(async {
+        // Bound before anything else, so a taken port fails the start at once.
+        let listener = match http {
+            Some(addr) => Some(http::bind(addr).await.map_err(Failure::Failed)?),
+            None => None,
+        };
+        let node = Node::start(config).await.map_err(|error| {
+            tracing::error!("{error:#}");
+            Failure::Failed(error)
+        })?;
+        // The endpoint outlives the node's serving, so that `/readyz` says
+        // 503 for as long as the node drains.
+        let endpoint = listener.map(|listener| {
+            if let Ok(addr) = listener.local_addr() {
+                tracing::info!(%addr, "serving /metrics, /healthz and /readyz over HTTP");
+            }
+            tokio::spawn(http::serve(listener, node.probe(), std::future::pending()))
+        });
+        let served = node.serve(shutdown::signal_received()).await;
+        if let Some(endpoint) = endpoint {
+            endpoint.abort();
+        }
+        served.map_err(|error| {
+            tracing::error!("{error:#}");
+            Failure::Failed(error)
+        })
+    })
+}
+
+fn config(args: ServeArgs, global: &Global) -> Result<NodeConfig, Failure> {
+    let mut config = NodeConfig::new(global.brokers()?, args.modules);
+    config.exchange = global.exchange.clone();
+    if let Some(concurrency) = args.concurrency {
+        config.concurrency = concurrency;
+        config.prefetch = node::default_prefetch(concurrency);
+    }
+    if let Some(prefetch) = args.prefetch {
+        config.prefetch = prefetch;
+    }
+    config.limits = args.limits.limits()?;
+    config.delivery_limit = args.delivery_limit;
+    // RabbitMQ takes 512 MiB at most; an error reply must always fit.
+    if !(4 << 10..=512 << 20).contains(&args.max_message_size) {
+        return Err(Failure::Usage(anyhow::anyhow!(
+            "--max-message-size must be between 4KiB and 512MiB"
+        )));
+    }
+    config.max_message = args.max_message_size as usize;
+    (config.cache_dir, config.cache_size) = match args.cache.cache() {
+        Some((dir, size)) => (Some(dir), size),
+        None => (None, config.cache_size),
+    };
+    Ok(config)
+}
+
+/// A node allocates and frees large buffers with every request (bodies,
+/// module outputs up to the reply limit). glibc raises its mmap threshold
+/// each time it frees such a buffer and serves later ones from its heap,
+/// which then keeps that memory: a node's RSS would creep up with the
+/// biggest outputs it has seen. A fixed threshold hands every large buffer
+/// back to the kernel when it is freed.
+fn return_large_buffers_to_the_kernel() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes malloc's tuning, and runs before any
+    // other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 10);
+    }
+}

@@ -1,0 +1,93 @@
+//! `--log-format json`: every line a node logs is a JSON object, and every
+//! line about a request carries the request's module, correlation id,
+//! version and trace id.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::cli::{run, text, wasmrpc};
+use crate::support::node::Cleanup;
+use crate::support::process::{NodeProcess, Spawn};
+use crate::support::unique;
+
+/// The next `count` lines the node logs with message `served`, parsed;
+/// every line read on the way must be JSON too.
+async fn served(node: NodeProcess, count: usize) -> (NodeProcess, Vec<Value>) {
+    tokio::task::spawn_blocking(move || {
+        let mut found = Vec::new();
+        while found.len() < count {
+            let line = node
+                .log
+                .recv_timeout(Duration::from_secs(30))
+                .expect("the node logged no more served requests");
+            let json: Value = serde_json::from_str(&line)
+                .unwrap_or_else(|error| panic!("not JSON ({error}): {line}"));
+            if json["message"] == "served" {
+                found.push(json);
+            }
+        }
+        (node, found)
+    })
+    .await
+    .unwrap()
+}
+
+fn is_hex(value: &Value, digits: usize) -> bool {
+    value
+        .as_str()
+        .is_some_and(|text| text.len() == digits && text.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn json_lines_carry_the_request_fields() {
+    let exchange = unique("json");
+    let _cleanup = Cleanup::new(&exchange, &["fib"]);
+    let node = Spawn::new(&exchange, &["fib"])
+        .env("WASMRPC_LOG_FORMAT", "json")
+        .start()
+        .await;
+    let ready: Value = serde_json::from_str(&node.ready).expect("the ready line is JSON");
+    assert_eq!(ready["level"], "INFO");
+    assert!(ready["timestamp"].is_string());
+    assert_eq!(ready["message"], "node ready");
+
+    // A call that continues a trace of the caller's.
+    let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let call = run(wasmrpc(
+        &exchange,
+        &["call", "fib", "10", "--traceparent", parent],
+    ))
+    .await;
+    assert_eq!(text(&call.stdout), "55\n", "{}", text(&call.stderr));
+    let (node, lines) = served(node, 1).await;
+    let span = &lines[0]["span"];
+    assert_eq!(span["name"], "request");
+    assert_eq!(span["module"], "fib");
+    assert!(
+        !span["correlation_id"].as_str().unwrap().is_empty(),
+        "{span}"
+    );
+    assert!(is_hex(&span["version"], 16), "{span}");
+    assert_eq!(span["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
+    assert!(is_hex(&span["span_id"], 16), "{span}");
+
+    // `call` and `bench` start a trace of their own for every call.
+    let call = run(wasmrpc(&exchange, &["call", "fib", "11"])).await;
+    assert_eq!(call.status.code(), Some(0), "{}", text(&call.stderr));
+    let bench = run(wasmrpc(
+        &exchange,
+        &["bench", "fib", "12", "--requests", "3"],
+    ))
+    .await;
+    assert_eq!(bench.status.code(), Some(0), "{}", text(&bench.stderr));
+    let (_node, lines) = served(node, 4).await;
+    let mut traces = std::collections::HashSet::new();
+    for line in &lines {
+        let trace = &line["span"]["trace_id"];
+        assert!(is_hex(trace, 32), "{line}");
+        assert_ne!(trace, "4bf92f3577b34da6a3ce929d0e0e4736");
+        traces.insert(trace.as_str().unwrap().to_owned());
+    }
+    assert_eq!(traces.len(), 4, "a trace per call: {lines:?}");
+}
