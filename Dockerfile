@@ -24,8 +24,14 @@ COPY modules /modules
 # them across containers.
 # The node waits for its broker and reconnects by itself: it needs no
 # start order. AMQP_URL may list the nodes of a cluster, comma-separated.
+# /metrics, /healthz and /readyz on port 9090; `wasmrpc health` asks /readyz
+# (the image has no shell or curl to do it with).
 ENV WASMRPC_MODULES=/modules \
-    AMQP_URL=amqp://guest:guest@rabbitmq:5672/%2f
+    AMQP_URL=amqp://guest:guest@rabbitmq:5672/%2f \
+    WASMRPC_HTTP=0.0.0.0:9090
+EXPOSE 9090
+HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 \
+    CMD ["/usr/local/bin/wasmrpc", "health"]
 USER nonroot
 ENTRYPOINT ["/usr/local/bin/wasmrpc"]
 CMD ["serve"]
