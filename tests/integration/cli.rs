@@ -304,3 +304,25 @@ async fn ping_with_no_live_node_says_so_and_exits_3() {
         text(&output.stderr)
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn completions_are_printed_for_each_shell() {
+    for (shell, marker) in [
+        ("bash", "_wasmrpc()"),
+        ("zsh", "#compdef wasmrpc"),
+        ("fish", "complete -c wasmrpc"),
+    ] {
+        let output = run(wasmrpc("unused", &["completions", shell])).await;
+        assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
+        let script = text(&output.stdout);
+        assert!(script.contains(marker), "{shell}: {script}");
+        for subcommand in ["serve", "call", "run", "health"] {
+            assert!(
+                script.contains(subcommand),
+                "{shell} completes no {subcommand}"
+            );
+        }
+    }
+    let output = run(wasmrpc("unused", &["completions", "tcsh"])).await;
+    assert_eq!(output.status.code(), Some(2));
+}
