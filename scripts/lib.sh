@@ -13,7 +13,7 @@ die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 ensure_wasm_target() {
     command -v cargo >/dev/null || die "cargo not found: install Rust from https://rustup.rs"
     local target
-    for target in wasm32-wasip2 wasm32-unknown-unknown; do
+    for target in wasm32-wasip2 wasm32-wasip1 wasm32-unknown-unknown; do
         if ! rustup target list --installed 2>/dev/null | grep -qx "$target"; then
             say "adding the $target target"
             rustup target add "$target" || die "cannot add the $target target (rustup target add $target)"

@@ -182,6 +182,7 @@ impl Loader {
                 tracing::info!(
                     module = %name,
                     version = %module.version,
+                    kind = %module.module.kind(),
                     replaced = replaced.as_ref().map(|old| tracing::field::display(&old.version)),
                     from_cache,
                     elapsed_ms = started.elapsed().as_millis(),

@@ -142,10 +142,19 @@ pub struct ModuleStatus {
     pub name: String,
     /// The version replies carry in [`VERSION_HEADER`].
     pub version: String,
+    /// What it is: `component` (the wasmrpc world), `wasi-command` (a WASI
+    /// 0.2 program) or `wasi-preview1` (a WASI preview 1 program).
+    #[serde(default = "component")]
+    pub kind: String,
     /// Calls it answered on this node since the node started.
     pub calls: u64,
     /// Of those, the ones answered with an error.
     pub failed: u64,
+}
+
+/// What nodes from before kinds were reported serve.
+fn component() -> String {
+    "component".to_owned()
 }
 
 /// The kinds of failure a reply can report, as named by [`ERROR_HEADER`].

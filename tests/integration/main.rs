@@ -24,6 +24,7 @@ mod logs;
 mod modules;
 mod poison;
 mod process;
+mod programs;
 mod readme;
 mod share;
 mod soak;

@@ -10,7 +10,7 @@ use crate::units::parse_duration;
 use crate::wire::NodeStatus;
 
 /// `ping`: list the live nodes. `modules`: list every live node's modules,
-/// with their versions and the calls each answered.
+/// with their kinds, versions and the calls each answered.
 ///
 /// Asks every node on the exchange and waits `--wait` for the answers; a node
 /// that is gone does not answer. Exit codes: 0 some node answered, 3 none did,
@@ -80,6 +80,7 @@ fn modules_table(nodes: &[NodeStatus]) -> String {
             vec![
                 "-".to_owned(),
                 "-".to_owned(),
+                "-".to_owned(),
                 "0".to_owned(),
                 "0".to_owned(),
             ]
@@ -89,6 +90,7 @@ fn modules_table(nodes: &[NodeStatus]) -> String {
             .map(|module| {
                 vec![
                     module.name.clone(),
+                    module.kind.clone(),
                     module.version.clone(),
                     module.calls.to_string(),
                     module.failed.to_string(),
@@ -104,7 +106,7 @@ fn modules_table(nodes: &[NodeStatus]) -> String {
     });
     table(
         &[
-            "NODE", "HOST", "UPTIME", "MODULE", "VERSION", "CALLS", "FAILED",
+            "NODE", "HOST", "UPTIME", "MODULE", "KIND", "VERSION", "CALLS", "FAILED",
         ],
         rows,
     )

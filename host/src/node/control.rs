@@ -31,6 +31,7 @@ fn status(shared: &Shared) -> NodeStatus {
             ModuleStatus {
                 name: module.name.to_string(),
                 version: module.version.clone(),
+                kind: module.module.kind().to_string(),
                 calls: calls.answered,
                 failed: calls.failed,
             }

@@ -5,6 +5,14 @@
 //! it turns bytes into a [`Module`] and a request body into a reply body or a
 //! [`CallError`], and the node decides what those mean on the wire.
 //!
+//! Two kinds of code are served. A *component* implements the wasmrpc world
+//! (`call: func(input) -> result<output, call-error>`). A *WASI program*
+//! (a WASI 0.2 command component exporting `wasi:cli/run`, or a WASI preview 1
+//! core module, which is adapted into one when it is compiled) reads the
+//! request body on stdin and writes the reply on stdout; exit status 0 is
+//! success, any other a [`CallError::Failed`] with the tail of its stderr.
+//! Every limit applies to both alike.
+//!
 //! Cost model: [`Runtime::compile`] is slow (tens to hundreds of milliseconds,
 //! call it off the async path); [`Module::call`] instantiates from a pooled,
 //! pre-linked [`bindings::ModulePre`] and costs tens of microseconds before
@@ -24,12 +32,17 @@ use std::task::{Context, Poll, ready};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use wasi_preview1_component_adapter_provider::{
+    WASI_SNAPSHOT_PREVIEW1_ADAPTER_NAME, WASI_SNAPSHOT_PREVIEW1_COMMAND_ADAPTER,
+};
 use wasmtime::component::{Component, ComponentExportIndex, Linker, TypedFunc, WasmList};
 use wasmtime::error::Context as _;
 use wasmtime::{
     Config, Engine, EngineWeak, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap,
     UpdateDeadline,
 };
+use wasmtime_wasi::I32Exit;
+use wasmtime_wasi::p2::bindings::CommandPre;
 
 use sha2::{Digest as _, Sha256};
 use tokio::sync::Semaphore;
@@ -173,14 +186,20 @@ impl Runtime {
             });
         let from_cache = cached.is_some();
         // wasmtime would also read the text format: insist on a binary.
-        if !from_cache && !wasm.bytes.starts_with(b"\0asm") {
+        if !wasm.bytes.starts_with(b"\0asm") {
             anyhow::bail!("not a wasm binary (it does not start with \\0asm)");
         }
+        let core = wasm.is_core_module();
         let component = match cached {
             Some(component) => component,
             None => {
-                let component =
-                    Component::new(&engine, &wasm.bytes).context("not a valid wasm component")?;
+                let component = if core {
+                    let adapted = adapt_preview1(&wasm.bytes)?;
+                    Component::new(&engine, adapted)
+                        .context("the adapted WASI preview 1 program does not compile")?
+                } else {
+                    Component::new(&engine, &wasm.bytes).context("not a valid wasm component")?
+                };
                 if let Some(cache) = &self.cache {
                     match component.serialize() {
                         Ok(artifact) => cache.store(&entry, &artifact),
@@ -196,14 +215,27 @@ impl Runtime {
         let pre = linker
             .instantiate_pre(&component)
             .context("imports something other than WASI 0.2")?;
-        let pre = bindings::ModulePre::new(pre)
-            .context("does not implement the wasmrpc:compute/module world")?;
-        let call = component
-            .get_export_index(None, "call")
-            .context("does not export `call`")?;
+        let (entry, kind) = match component.get_export_index(None, "call") {
+            Some(call) => {
+                let pre = bindings::ModulePre::new(pre)
+                    .context("does not implement the wasmrpc:compute/module world")?;
+                (Entry::Call { pre, call }, ModuleKind::Component)
+            }
+            None => {
+                let pre = CommandPre::new(pre).context(
+                    "exports neither the wasmrpc world's `call` nor WASI's `wasi:cli/run`",
+                )?;
+                let kind = if core {
+                    ModuleKind::WasiPreview1
+                } else {
+                    ModuleKind::WasiCommand
+                };
+                (Entry::Program { pre }, kind)
+            }
+        };
         Ok(Module {
-            pre,
-            call,
+            entry,
+            kind,
             running: self.running.clone(),
             imports_wasi,
             engine,
@@ -288,10 +320,8 @@ fn spawn_epoch_ticker(engine: EngineWeak) {
 /// clone shares the code.
 #[derive(Clone)]
 pub struct Module {
-    /// Checked at compile time to implement the world.
-    pre: bindings::ModulePre<Sandbox>,
-    /// The `call` export, called through [`CallFunc`].
-    call: ComponentExportIndex,
+    entry: Entry,
+    kind: ModuleKind,
     /// The runtime's permits to execute wasm.
     running: Arc<Semaphore>,
     imports_wasi: bool,
@@ -299,6 +329,66 @@ pub struct Module {
     limits: Limits,
     digest: String,
     from_cache: bool,
+}
+
+/// How a request enters a module, checked when it was compiled.
+#[derive(Clone)]
+enum Entry {
+    /// The wasmrpc world: `call`, called through [`CallFunc`].
+    Call {
+        pre: bindings::ModulePre<Sandbox>,
+        call: ComponentExportIndex,
+    },
+    /// A WASI program: `wasi:cli/run`, with the request on stdin.
+    Program { pre: CommandPre<Sandbox> },
+}
+
+/// What a module file turned out to be.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ModuleKind {
+    /// A component implementing the wasmrpc world.
+    Component,
+    /// A WASI 0.2 command component (`wasi:cli/run`).
+    WasiCommand,
+    /// A WASI preview 1 core module, adapted to a command when compiled.
+    WasiPreview1,
+}
+
+impl ModuleKind {
+    /// As `wasmrpc modules` shows it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ModuleKind::Component => "component",
+            ModuleKind::WasiCommand => "wasi-command",
+            ModuleKind::WasiPreview1 => "wasi-preview1",
+        }
+    }
+}
+
+impl std::fmt::Display for ModuleKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Wraps a WASI preview 1 core module into a command component, with the
+/// adapter that wasmtime publishes for its own preview 1 support.
+fn adapt_preview1(module: &[u8]) -> anyhow::Result<Vec<u8>> {
+    use anyhow::Context as _;
+    let encoder = wit_component::ComponentEncoder::default()
+        .validate(true)
+        .module(module)
+        .context("not a valid wasm module")?;
+    let mut encoder = encoder
+        .adapter(
+            WASI_SNAPSHOT_PREVIEW1_ADAPTER_NAME,
+            WASI_SNAPSHOT_PREVIEW1_COMMAND_ADAPTER,
+        )
+        .context("failed to load the WASI preview 1 adapter")?;
+    encoder.encode().context(
+        "not a WASI preview 1 program (a core module must import only \
+         wasi_snapshot_preview1 and export `_start`)",
+    )
 }
 
 /// A module's bytes and their SHA-256, which names this build of it.
@@ -317,6 +407,19 @@ impl Wasm {
     pub fn digest(&self) -> String {
         hex::encode(self.digest)
     }
+
+    /// A core module (version 1 of the binary format), not a component.
+    fn is_core_module(&self) -> bool {
+        self.bytes.get(4..8) == Some(&[1, 0, 0, 0])
+    }
+}
+
+/// How a guest's run ended, when it ended on its own.
+enum Ran {
+    /// The wasmrpc world's `call` returned.
+    Returned(Result<WasmList<u8>, bindings::CallError>),
+    /// A WASI program exited with this status.
+    Exited(i32),
 }
 
 /// A guest's future that holds one of the runtime's permits to run wasm
@@ -380,6 +483,11 @@ impl Module {
         &self.digest
     }
 
+    /// What the file turned out to be.
+    pub fn kind(&self) -> ModuleKind {
+        self.kind
+    }
+
     /// Whether the code came from the artifact cache rather than the compiler.
     pub fn from_cache(&self) -> bool {
         self.from_cache
@@ -424,7 +532,11 @@ impl Module {
             }
         };
 
-        let mut store = Store::new(&self.engine, Sandbox::new(limits, self.imports_wasi));
+        let sandbox = match self.entry {
+            Entry::Call { .. } => Sandbox::new(limits, self.imports_wasi),
+            Entry::Program { .. } => Sandbox::program(limits, input),
+        };
+        let mut store = Store::new(&self.engine, sandbox);
         store.limiter(|sandbox| sandbox);
         store.set_epoch_deadline(1);
         store.epoch_deadline_callback(move |_| {
@@ -439,20 +551,37 @@ impl Module {
         // that waits inside a host call (a WASI sleep, say), where no epoch
         // check runs. Dropping the future unwinds the guest.
         let run = async {
-            let instance = self
-                .pre
-                .instance_pre()
-                .instantiate_async(&mut store)
-                .await
-                .map_err(|error| (error, true))?;
-            let call: CallFunc<'_> = instance
-                .get_typed_func(&mut store, self.call)
-                .map_err(|error| (error, true))?;
-            let (result,) = call
-                .call_async(&mut store, (input,))
-                .await
-                .map_err(|error| (error, false))?;
-            Ok(result)
+            match &self.entry {
+                Entry::Call { pre, call } => {
+                    let instance = pre
+                        .instance_pre()
+                        .instantiate_async(&mut store)
+                        .await
+                        .map_err(|error| (error, true))?;
+                    let call: CallFunc<'_> = instance
+                        .get_typed_func(&mut store, *call)
+                        .map_err(|error| (error, true))?;
+                    let (result,) = call
+                        .call_async(&mut store, (input,))
+                        .await
+                        .map_err(|error| (error, false))?;
+                    Ok(Ran::Returned(result))
+                }
+                Entry::Program { pre } => {
+                    let command = pre
+                        .instantiate_async(&mut store)
+                        .await
+                        .map_err(|error| (error, true))?;
+                    match command.wasi_cli_run().call_run(&mut store).await {
+                        Ok(Ok(())) => Ok(Ran::Exited(0)),
+                        Ok(Err(())) => Ok(Ran::Exited(1)),
+                        Err(error) => match error.downcast_ref::<I32Exit>() {
+                            Some(I32Exit(status)) => Ok(Ran::Exited(*status)),
+                            None => Err((error, false)),
+                        },
+                    }
+                }
+            }
         };
         let run = OnPermit {
             guest: Box::pin(run),
@@ -463,7 +592,24 @@ impl Module {
 
         let result = match outcome {
             Err(_elapsed) => return Err(timeout()),
-            Ok(Ok(result)) => result,
+            Ok(Ok(Ran::Exited(0))) => {
+                let (output, written) = store.data().take_stdout();
+                if written > limits.reply {
+                    return Err(CallError::OutputTooLarge {
+                        size: written,
+                        limit: limits.reply,
+                    });
+                }
+                return Ok(output);
+            }
+            Ok(Ok(Ran::Exited(status))) => {
+                let mut message = format!("exited with status {status}");
+                if !stderr.trim().is_empty() {
+                    message = format!("{message}; stderr ends:\n{}", stderr.trim_end());
+                }
+                return Err(CallError::Failed(message));
+            }
+            Ok(Ok(Ran::Returned(result))) => result,
             Ok(Err((error, _))) if error.is::<DeadlineExceeded>() => return Err(timeout()),
             Ok(Err((error, instantiating))) => {
                 return Err(self.classify(error, instantiating, stderr));

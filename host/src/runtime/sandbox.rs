@@ -2,16 +2,22 @@
 //! components that import WASI, a WASI context with nothing in it.
 //!
 //! The WASI context grants no files (no preopens), no sockets (every address
-//! is refused and name lookup is off), no environment variables, no arguments
-//! and an empty stdin. It does give clocks and randomness. Stdout and stderr
-//! are captured, up to [`OUTPUT_CAPTURE`] bytes each, and logged after the call.
+//! is refused and name lookup is off), no environment variables and no
+//! arguments. It does give clocks and randomness. For a module, stdin is
+//! empty and stdout and stderr are captured, up to [`OUTPUT_CAPTURE`] bytes
+//! each, and logged after the call. For a WASI program, stdin is the request
+//! body, stdout is the reply (kept up to the reply limit, and counted beyond
+//! it) and the last [`OUTPUT_CAPTURE`] bytes of stderr are kept for the error
+//! message.
 
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use wasmtime::ResourceLimiter;
 use wasmtime::component::ResourceTable;
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
+use wasmtime_wasi::p2::pipe::MemoryInputPipe;
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
@@ -27,6 +33,8 @@ pub struct Sandbox {
     /// Only built for components that import WASI: the others never touch it
     /// and skip its cost.
     wasi: Option<Wasi>,
+    /// A WASI program: its stdout is its output, not something to log.
+    program: bool,
 }
 
 struct Wasi {
@@ -49,26 +57,42 @@ pub struct DeadlineExceeded;
 impl Sandbox {
     pub fn new(limits: &Limits, with_wasi: bool) -> Self {
         let wasi = with_wasi.then(|| {
-            let stdout = CapturedOutput::default();
-            let stderr = CapturedOutput::default();
-            let ctx = WasiCtx::builder()
-                .stdout(stdout.clone())
-                .stderr(stderr.clone())
-                .allow_tcp(false)
-                .allow_udp(false)
-                .allow_ip_name_lookup(false)
-                .build();
-            Wasi {
-                ctx,
-                table: ResourceTable::new(),
-                stdout,
-                stderr,
-            }
+            Wasi::new(
+                CapturedOutput::head(OUTPUT_CAPTURE),
+                CapturedOutput::head(OUTPUT_CAPTURE),
+                None,
+            )
         });
         Sandbox {
             memory_limit: limits.memory,
             memory_used: 0,
             wasi,
+            program: false,
+        }
+    }
+
+    /// The store data of a WASI program run on `input`: stdin is the input,
+    /// stdout is kept up to the reply limit.
+    pub fn program(limits: &Limits, input: &[u8]) -> Self {
+        let wasi = Wasi::new(
+            CapturedOutput::head(limits.reply),
+            CapturedOutput::tail(OUTPUT_CAPTURE),
+            Some(MemoryInputPipe::new(input.to_vec())),
+        );
+        Sandbox {
+            memory_limit: limits.memory,
+            memory_used: 0,
+            wasi: Some(wasi),
+            program: true,
+        }
+    }
+
+    /// A program's stdout: what it kept, and how many bytes were written in
+    /// all (more than were kept if it wrote past the reply limit).
+    pub fn take_stdout(&self) -> (Vec<u8>, usize) {
+        match &self.wasi {
+            Some(wasi) => wasi.stdout.take(),
+            None => (Vec::new(), 0),
         }
     }
 
@@ -77,7 +101,11 @@ impl Sandbox {
         let Some(wasi) = &self.wasi else {
             return String::new();
         };
-        let stdout = wasi.stdout.text();
+        let stdout = if self.program {
+            String::new()
+        } else {
+            wasi.stdout.text()
+        };
         if !stdout.is_empty() {
             tracing::info!(target: "wasmrpc::guest", stdout = %stdout.trim_end(), "guest wrote to stdout");
         }
@@ -86,6 +114,27 @@ impl Sandbox {
             tracing::info!(target: "wasmrpc::guest", stderr = %stderr.trim_end(), "guest wrote to stderr");
         }
         stderr
+    }
+}
+
+impl Wasi {
+    fn new(stdout: CapturedOutput, stderr: CapturedOutput, stdin: Option<MemoryInputPipe>) -> Wasi {
+        let mut builder = WasiCtx::builder();
+        builder
+            .stdout(stdout.clone())
+            .stderr(stderr.clone())
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false);
+        if let Some(stdin) = stdin {
+            builder.stdin(stdin);
+        }
+        Wasi {
+            ctx: builder.build(),
+            table: ResourceTable::new(),
+            stdout,
+            stderr,
+        }
     }
 }
 
@@ -132,20 +181,62 @@ impl ResourceLimiter for Sandbox {
     }
 }
 
-/// A stdout or stderr that keeps the first [`OUTPUT_CAPTURE`] bytes and
-/// quietly drops the rest, so a chatty guest is never failed for talking.
-#[derive(Clone, Default)]
-struct CapturedOutput(Arc<Mutex<Vec<u8>>>);
+/// A stdout or stderr that keeps the first (or the last) `cap` bytes and
+/// quietly drops the rest, counting them, so a chatty guest is never failed
+/// for talking and the host never holds more than `cap`.
+#[derive(Clone)]
+struct CapturedOutput(Arc<Mutex<Captured>>);
+
+struct Captured {
+    kept: VecDeque<u8>,
+    cap: usize,
+    /// Keep the last bytes rather than the first.
+    tail: bool,
+    written: usize,
+}
 
 impl CapturedOutput {
+    fn head(cap: usize) -> Self {
+        Self::new(cap, false)
+    }
+
+    fn tail(cap: usize) -> Self {
+        Self::new(cap, true)
+    }
+
+    fn new(cap: usize, tail: bool) -> Self {
+        CapturedOutput(Arc::new(Mutex::new(Captured {
+            kept: VecDeque::new(),
+            cap,
+            tail,
+            written: 0,
+        })))
+    }
+
     fn keep(&self, bytes: &[u8]) {
-        let mut kept = self.0.lock().expect("capture lock");
-        let room = OUTPUT_CAPTURE.saturating_sub(kept.len());
-        kept.extend_from_slice(&bytes[..bytes.len().min(room)]);
+        let mut captured = self.0.lock().expect("capture lock");
+        captured.written = captured.written.saturating_add(bytes.len());
+        if captured.tail {
+            let bytes = &bytes[bytes.len().saturating_sub(captured.cap)..];
+            let over = (captured.kept.len() + bytes.len()).saturating_sub(captured.cap);
+            captured.kept.drain(..over);
+            captured.kept.extend(bytes);
+        } else {
+            let room = captured.cap.saturating_sub(captured.kept.len());
+            captured.kept.extend(&bytes[..bytes.len().min(room)]);
+        }
     }
 
     fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().expect("capture lock")).into_owned()
+        let captured = self.0.lock().expect("capture lock");
+        let (front, back) = captured.kept.as_slices();
+        String::from_utf8_lossy(&[front, back].concat()).into_owned()
+    }
+
+    fn take(&self) -> (Vec<u8>, usize) {
+        let mut captured = self.0.lock().expect("capture lock");
+        let written = captured.written;
+        (std::mem::take(&mut captured.kept).into(), written)
     }
 }
 
@@ -207,5 +298,25 @@ impl tokio::io::AsyncWrite for CapturedOutput {
         _cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
         std::task::Poll::Ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_capture_keeps_its_head_or_its_tail_and_counts_everything() {
+        let head = CapturedOutput::head(4);
+        head.keep(b"abc");
+        head.keep(b"defg");
+        assert_eq!(head.take(), (b"abcd".to_vec(), 7));
+
+        let tail = CapturedOutput::tail(4);
+        tail.keep(b"abc");
+        tail.keep(b"de");
+        assert_eq!(tail.text(), "bcde");
+        tail.keep(b"0123456789");
+        assert_eq!(tail.take(), (b"6789".to_vec(), 15));
     }
 }

@@ -32,10 +32,16 @@ fn build() -> PathBuf {
 /// Builds every guest for `target` and returns where the `.wasm` files are.
 /// The benchmarks share this file (`#[path]`), hence a `Result`.
 pub fn build_for(target: &str) -> Result<PathBuf, String> {
+    build_packages(target, &[])
+}
+
+/// Builds `packages` of the guests (all of them if none) for `target`.
+fn build_packages(target: &str, packages: &[&str]) -> Result<PathBuf, String> {
     let guests = repo().join("guests");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let status = Command::new(cargo)
         .args(["build", "--quiet", "--release", "--target", target])
+        .args(packages.iter().flat_map(|package| ["--package", package]))
         .current_dir(&guests)
         // Flags meant for the host build must not leak into the guests'.
         .env_remove("RUSTFLAGS")
@@ -75,4 +81,15 @@ pub fn variant(wasm: &[u8], tag: &str) -> Vec<u8> {
     leb128(payload.len(), &mut out);
     out.extend_from_slice(&payload);
     out
+}
+
+/// The guest program `guests/NAME` (only `upcase`) built for WASI preview 1: a core module,
+/// as C with wasi-libc, Zig or TinyGo would make.
+pub fn preview1(name: &str) -> PathBuf {
+    static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    let dir = BUILT
+        .get_or_init(|| build_packages("wasm32-wasip1", &["upcase"]))
+        .as_ref()
+        .unwrap_or_else(|error| panic!("{error}"));
+    dir.join(format!("{name}.wasm"))
 }
