@@ -20,6 +20,7 @@
 
 mod cache;
 mod limits;
+mod output;
 mod sandbox;
 
 use std::collections::BTreeMap;
@@ -35,7 +36,7 @@ use std::time::{Duration, Instant};
 use wasi_preview1_component_adapter_provider::{
     WASI_SNAPSHOT_PREVIEW1_ADAPTER_NAME, WASI_SNAPSHOT_PREVIEW1_COMMAND_ADAPTER,
 };
-use wasmtime::component::{Component, ComponentExportIndex, Linker, TypedFunc, WasmList};
+use wasmtime::component::{Component, ComponentExportIndex, Linker, TypedFunc};
 use wasmtime::error::Context as _;
 use wasmtime::{
     Config, Engine, EngineWeak, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap,
@@ -51,6 +52,7 @@ use tokio_util::sync::PollSemaphore;
 use self::cache::ArtifactCache;
 pub use self::cache::{DEFAULT_SIZE as DEFAULT_CACHE_SIZE, KEY_FILE as CACHE_KEY_FILE};
 pub use self::limits::Limits;
+use self::output::Output;
 use self::sandbox::{DeadlineExceeded, MemoryLimitExceeded, Sandbox};
 use crate::units::{Bytes, display_millis};
 
@@ -67,9 +69,9 @@ mod bindings {
 /// stack and its heap). Larger memories are decommitted beyond it.
 const KEEP_RESIDENT: usize = 2 << 20;
 
-/// The world's `call`, typed so that its output is lifted as a view into the
-/// guest's memory (not a copy), to be size-checked before it is copied.
-type CallFunc<'a> = TypedFunc<(&'a [u8],), (Result<WasmList<u8>, bindings::CallError>,)>;
+/// The world's `call`, typed so that its output is size-checked before it
+/// is copied out of the guest's memory (see [`output`]).
+type CallFunc<'a> = TypedFunc<(&'a [u8],), (Result<Output, bindings::CallError>,)>;
 
 /// How often the epoch advances. It bounds how late a timeout fires and how
 /// long a busy guest holds its executor thread before yielding.
@@ -417,7 +419,7 @@ impl Wasm {
 /// How a guest's run ended, when it ended on its own.
 enum Ran {
     /// The wasmrpc world's `call` returned.
-    Returned(Result<WasmList<u8>, bindings::CallError>),
+    Returned(Result<Output, bindings::CallError>),
     /// A WASI program exited with this status.
     Exited(i32),
 }
@@ -431,6 +433,8 @@ enum Ran {
 struct OnPermit<F> {
     guest: Pin<Box<F>>,
     permits: PollSemaphore,
+    /// The reply limit, for the output lifted during a poll.
+    reply_limit: usize,
 }
 
 impl<F: Future> Future for OnPermit<F> {
@@ -438,7 +442,8 @@ impl<F: Future> Future for OnPermit<F> {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let permit = ready!(self.permits.poll_acquire(cx));
-        let polled = self.guest.as_mut().poll(cx);
+        let reply_limit = self.reply_limit;
+        let polled = output::with_limit(reply_limit, || self.guest.as_mut().poll(cx));
         drop(permit);
         polled
     }
@@ -586,6 +591,7 @@ impl Module {
         let run = OnPermit {
             guest: Box::pin(run),
             permits: PollSemaphore::new(self.running.clone()),
+            reply_limit: limits.reply,
         };
         let outcome = tokio::time::timeout_at((deadline + EPOCH_TICK).into(), run).await;
         let stderr = store.data().log_output();
@@ -616,13 +622,11 @@ impl Module {
             }
         };
         match result {
-            // The output is still in the guest's memory: a list over the
-            // limit is never copied out.
-            Ok(output) if output.len() > limits.reply => Err(CallError::OutputTooLarge {
-                size: output.len(),
+            Ok(Output::Bytes(output)) => Ok(output),
+            Ok(Output::TooLarge(size)) => Err(CallError::OutputTooLarge {
+                size,
                 limit: limits.reply,
             }),
-            Ok(output) => Ok(output.as_le_slice(&store).to_vec()),
             Err(bindings::CallError::InvalidInput(message)) => {
                 Err(CallError::InvalidInput(message))
             }
