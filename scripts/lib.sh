@@ -72,3 +72,29 @@ ensure_broker() {
     done
     die "RabbitMQ did not start within 2 minutes; see /var/log/rabbitmq/"
 }
+
+# The toolchains of the guests in other languages (guests/build-lang):
+# componentize-py from PyPI, Node.js's npm (componentize-js comes from npm
+# with `npm ci` in guests/js), and clang with wasi-libc from Debian.
+ensure_guest_toolchains() {
+    local sudo=""
+    [[ $(id -u) -eq 0 ]] || sudo="sudo"
+    local packages=()
+    command -v clang >/dev/null || packages+=(clang)
+    command -v wasm-ld >/dev/null || packages+=(lld)
+    [[ -e /usr/lib/wasm32-wasi/libc.a ]] || packages+=(wasi-libc)
+    compgen -G "/usr/lib/llvm-*/lib/clang/*/lib/wasi/libclang_rt.builtins-wasm32.a" >/dev/null \
+        || packages+=(libclang-rt-14-dev-wasm32)
+    command -v npm >/dev/null || packages+=(nodejs npm)
+    if [[ ${#packages[@]} -gt 0 ]]; then
+        command -v apt-get >/dev/null || die "cannot install ${packages[*]} here (no apt-get)"
+        say "installing ${packages[*]}, for the C and JavaScript guests"
+        $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${packages[@]}" >/dev/null \
+            || die "failed to install ${packages[*]}"
+    fi
+    if ! command -v componentize-py >/dev/null; then
+        say "installing componentize-py, for the Python guest"
+        "${PYTHON:-python3}" -m pip install --quiet --disable-pip-version-check componentize-py==0.25.1 \
+            || die "cannot install componentize-py (python3 -m pip install componentize-py==0.25.1)"
+    fi
+}

@@ -17,6 +17,7 @@ mod fib;
 mod fuzz;
 mod hostile;
 mod http;
+mod languages;
 mod limits;
 mod live;
 mod local_run;

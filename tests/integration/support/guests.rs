@@ -93,3 +93,32 @@ pub fn preview1(name: &str) -> PathBuf {
         .unwrap_or_else(|error| panic!("{error}"));
     dir.join(format!("{name}.wasm"))
 }
+
+/// The guest `NAME` written in another language (`pyfib`, `jsstats`,
+/// `cfib`), built by `guests/build-lang` if it is not yet; panics with the
+/// build's message (which toolchain is missing) if it cannot be.
+pub fn lang(name: &str) -> PathBuf {
+    let language = match name {
+        "pyfib" => "python",
+        "jsstats" => "js",
+        "cfib" => "c",
+        other => panic!("no guest named {other:?} in another language"),
+    };
+    let path = repo().join(format!("guests/target/lang/{name}.wasm"));
+    static BUILDING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = BUILDING
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if !path.is_file() {
+        let output = Command::new(repo().join("guests/build-lang"))
+            .arg(language)
+            .output()
+            .expect("failed to run guests/build-lang");
+        assert!(
+            output.status.success(),
+            "guests/build-lang {language} failed (scripts/test installs every toolchain):\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    path
+}
