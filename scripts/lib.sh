@@ -98,3 +98,23 @@ ensure_guest_toolchains() {
             || die "cannot install componentize-py (python3 -m pip install componentize-py==0.25.1)"
     fi
 }
+
+# RabbitMQ 3.10 stops supervising the dead-letter workers of quorum queues
+# (rabbit_fifo_dlx_sup) once two of them crash within 5 s, which a queue
+# deleted while its worker starts can make happen; from then on it refuses
+# every quorum queue with at-least-once dead-lettering (INTERNAL_ERROR) until
+# it restarts. The tests declare and delete queues all the time: before they
+# run, put a local broker's supervisor back if it is gone (nothing else of
+# the broker is touched).
+ensure_dlx_supervisor() {
+    command -v rabbitmqctl >/dev/null || return 0
+    local host port pid
+    read -r host port < <(broker_address)
+    case "$host" in 127.0.0.1 | localhost | ::1) ;; *) return 0 ;; esac
+    pid=$(rabbitmqctl eval 'whereis(rabbit_fifo_dlx_sup).' 2>/dev/null) || return 0
+    if [[ "$pid" == "undefined" ]]; then
+        say "the broker's quorum-queue dead-letter supervisor is down (a RabbitMQ 3.10 fault): restarting it"
+        rabbitmqctl eval 'supervisor:restart_child(rabbit_sup, rabbit_fifo_dlx_sup).' >/dev/null \
+            || die "cannot restart rabbit_fifo_dlx_sup; restart RabbitMQ"
+    fi
+}

@@ -23,6 +23,7 @@ mod live;
 mod local_run;
 mod logs;
 mod modules;
+mod new;
 mod poison;
 mod process;
 mod programs;

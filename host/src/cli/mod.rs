@@ -13,6 +13,7 @@ mod call;
 mod completions;
 mod fleet;
 mod health;
+mod new;
 mod run;
 mod serve;
 
@@ -102,6 +103,7 @@ enum Command {
     Ping(fleet::FleetArgs),
     Modules(fleet::FleetArgs),
     Health(health::HealthArgs),
+    New(new::NewArgs),
     Completions(completions::CompletionsArgs),
 }
 
@@ -178,6 +180,7 @@ fn dispatch(command: Command, global: &Global) -> Result<(), Failure> {
         Command::Ping(args) => block_on(fleet::run(args, global, false)),
         Command::Modules(args) => block_on(fleet::run(args, global, true)),
         Command::Health(args) => health::run(args),
+        Command::New(args) => new::run(args),
         Command::Completions(args) => completions::run(args),
     }
 }

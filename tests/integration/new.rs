@@ -1,0 +1,113 @@
+//! `wasmrpc new`: a project of each language builds, with its one command,
+//! into a module that a running node then serves.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use crate::cli::text;
+use crate::support::{TestNode, guests};
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_new_project_of_each_language_builds_into_a_served_module() {
+    let cache = guests::repo().join("guests/target/test-cache");
+    let node = TestNode::setup(&[])
+        .config(move |config| config.cache_dir = Some(cache))
+        .start()
+        .await;
+    let client = node.client().await;
+    let projects = tempfile::tempdir().unwrap();
+    // The JavaScript project would fetch componentize-js: lend it ours.
+    guests::lang("jsstats");
+    for lang in ["c", "python", "js", "rust"] {
+        let name = format!("hello-{lang}");
+        let dir = projects.path().join(&name);
+        let modules = node.modules_path().to_owned();
+        let (made, built) = tokio::task::spawn_blocking({
+            let (name, dir) = (name.clone(), dir.clone());
+            move || {
+                let made = Command::new(env!("CARGO_BIN_EXE_wasmrpc"))
+                    .args(["new", &name, "--lang", lang, "--dir"])
+                    .arg(&dir)
+                    .arg("--modules")
+                    .arg(&modules)
+                    .env_remove("WASMRPC_MODULES")
+                    .output()
+                    .unwrap();
+                if lang == "js" {
+                    std::os::unix::fs::symlink(
+                        guests::repo().join("guests/js/node_modules"),
+                        dir.join("node_modules"),
+                    )
+                    .unwrap();
+                }
+                // Guest builds share a target directory across runs.
+                let built = Command::new(dir.join("build"))
+                    .env(
+                        "CARGO_TARGET_DIR",
+                        guests::repo().join("guests/target/new-projects"),
+                    )
+                    .env_remove("WASMRPC_MODULES")
+                    .env_remove("RUSTFLAGS")
+                    .env_remove("CARGO_BUILD_TARGET")
+                    .output()
+                    .unwrap();
+                (made, built)
+            }
+        })
+        .await
+        .unwrap();
+        assert_eq!(
+            made.status.code(),
+            Some(0),
+            "new {lang}: {}",
+            text(&made.stderr)
+        );
+        assert!(
+            text(&made.stdout).contains("/build"),
+            "{}",
+            text(&made.stdout)
+        );
+        assert!(
+            built.status.success(),
+            "{name}/build failed:\n{}{}",
+            text(&built.stdout),
+            text(&built.stderr)
+        );
+        assert!(node.modules_path().join(format!("{name}.wasm")).is_file());
+
+        // The node follows its directory: the new module is served.
+        let started = Instant::now();
+        let reply = loop {
+            let reply = client
+                .call(&name, b"world", Duration::from_secs(30))
+                .await
+                .unwrap();
+            if reply.error.as_deref() != Some("not_found") {
+                break reply;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "{name} was never served"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        assert_eq!(
+            (reply.error.as_deref(), text(&reply.body).as_str()),
+            (None, "hello, world"),
+            "{name}"
+        );
+    }
+
+    // A project is never made over something that exists.
+    let again = Command::new(env!("CARGO_BIN_EXE_wasmrpc"))
+        .args(["new", "hello-c", "--lang", "c", "--dir"])
+        .arg(projects.path().join("hello-c"))
+        .output()
+        .unwrap();
+    assert_eq!(again.status.code(), Some(2));
+    assert!(
+        text(&again.stderr).contains("already exists"),
+        "{}",
+        text(&again.stderr)
+    );
+}
