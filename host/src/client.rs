@@ -20,10 +20,12 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_stream::StreamExt as _;
 
 use crate::amqp::{self, Brokers};
+use crate::deploy::{Ack, Order, Signed};
 use crate::trace::TraceParent;
 use crate::wire::{
-    ERROR_HEADER, ErrorKind, NodeStatus, TIMEOUT_HEADER, TRACEPARENT_HEADER, Topology,
-    VERSION_HEADER,
+    DEPLOY_ISSUED_HEADER, DEPLOY_KEY_HEADER, DEPLOY_MANIFEST_HEADER, DEPLOY_NAME_HEADER,
+    DEPLOY_SIGNATURE_HEADER, ERROR_HEADER, ErrorKind, NodeStatus, TIMEOUT_HEADER,
+    TRACEPARENT_HEADER, Topology, VERSION_HEADER,
 };
 
 /// The pseudo-queue RabbitMQ routes direct replies through.
@@ -254,10 +256,59 @@ impl Client {
     /// returns the answers that came within `wait`, in node-id order. A node
     /// that is gone simply does not answer.
     pub async fn fleet(&self, wait: Duration) -> Result<Vec<NodeStatus>, ClientError> {
+        let mut nodes: Vec<NodeStatus> = self
+            .ask_fleet(BasicProperties::default(), b"status", wait)
+            .await?;
+        nodes.sort_by(|a, b| a.node.cmp(&b.node));
+        Ok(nodes)
+    }
+
+    /// Sends a signed deploy or undeploy to every node on the exchange and
+    /// returns the answers of those that take deploys, within `wait`, in
+    /// node-id order. Nodes that take no deploys do not answer.
+    pub async fn order(
+        &self,
+        order: &Order,
+        signed: &Signed,
+        wait: Duration,
+    ) -> Result<Vec<Ack>, ClientError> {
+        let mut headers = FieldTable::default();
+        let mut text = |name: &str, value: String| {
+            headers.insert(name.into(), AMQPValue::LongString(value.into()));
+        };
+        text(DEPLOY_NAME_HEADER, order.name.to_string());
+        text(DEPLOY_KEY_HEADER, hex::encode(signed.key.as_bytes()));
+        text(
+            DEPLOY_SIGNATURE_HEADER,
+            hex::encode(signed.signature.to_bytes()),
+        );
+        if let Some(manifest) = &order.manifest {
+            text(DEPLOY_MANIFEST_HEADER, manifest.clone());
+        }
+        headers.insert(
+            DEPLOY_ISSUED_HEADER.into(),
+            AMQPValue::LongLongInt(order.issued_at as i64),
+        );
+        let properties = BasicProperties::default()
+            .with_type(order.action.as_str().into())
+            .with_headers(headers);
+        let mut acks: Vec<Ack> = self.ask_fleet(properties, &order.module, wait).await?;
+        acks.sort_by(|a, b| a.node.cmp(&b.node));
+        Ok(acks)
+    }
+
+    /// Publishes `body` to every node's control queue and collects the
+    /// answers that parse as `T` within `wait`.
+    async fn ask_fleet<T: serde::de::DeserializeOwned>(
+        &self,
+        properties: BasicProperties,
+        body: &[u8],
+        wait: Duration,
+    ) -> Result<Vec<T>, ClientError> {
         let correlation_id = uuid::Uuid::new_v4().to_string();
         let (sender, mut answers) = mpsc::unbounded_channel();
         self.wait_for(&correlation_id, Waiter::Many(sender))?;
-        let properties = BasicProperties::default()
+        let properties = properties
             .with_reply_to(DIRECT_REPLY_TO.into())
             .with_correlation_id(correlation_id.as_str().into())
             .with_expiration(
@@ -274,30 +325,38 @@ impl Client {
                 control.as_str().into(),
                 "".into(),
                 BasicPublishOptions::default(),
-                b"status",
+                body,
                 properties,
             )
             .await;
-        if let Err(error) = published {
-            self.forget(&correlation_id);
-            return Err(describe(&error, &control));
+        let confirmed = match published {
+            Ok(confirm) => confirm.await.map(|confirmation| confirmation.is_ack()),
+            Err(error) => Err(error),
+        };
+        match confirmed {
+            Ok(true) => {}
+            Ok(false) => {
+                self.forget(&correlation_id);
+                return Err(ClientError::Broker("the broker refused the message".into()));
+            }
+            Err(error) => {
+                self.forget(&correlation_id);
+                return Err(describe(&error, &control));
+            }
         }
-        let mut nodes = Vec::new();
+        let mut found = Vec::new();
         let deadline = tokio::time::Instant::now() + wait;
         while let Ok(Some(reply)) = tokio::time::timeout_at(deadline, answers.recv()).await {
-            match serde_json::from_slice::<NodeStatus>(&reply.body) {
-                Ok(status) => nodes.push(status),
-                Err(error) => {
-                    tracing::warn!("ignoring an answer that is not a node status: {error}")
-                }
+            match serde_json::from_slice::<T>(&reply.body) {
+                Ok(answer) => found.push(answer),
+                Err(error) => tracing::warn!("ignoring an answer that does not parse: {error}"),
             }
         }
         self.forget(&correlation_id);
         if let Some(closed) = &self.pending.lock().expect("pending lock").closed {
             return Err(closed.clone());
         }
-        nodes.sort_by(|a, b| a.node.cmp(&b.node));
-        Ok(nodes)
+        Ok(found)
     }
 
     fn wait_for(&self, correlation_id: &str, waiter: Waiter) -> Result<(), ClientError> {

@@ -62,6 +62,16 @@ pub const ERROR_CONTENT_TYPE: &str = "text/plain; charset=utf-8";
 /// delivered before and not acked.
 pub const DELIVERY_COUNT_HEADER: &str = "x-delivery-count";
 
+/// Headers of a deploy or undeploy on the control exchange (its AMQP `type`
+/// is `deploy` or `undeploy`; a deploy's body is the module): the module's
+/// name, its manifest's text, when it was signed (Unix seconds), and the
+/// signer's public key and signature, in hex. See [`crate::deploy`].
+pub const DEPLOY_NAME_HEADER: &str = "x-deploy-name";
+pub const DEPLOY_MANIFEST_HEADER: &str = "x-deploy-manifest";
+pub const DEPLOY_ISSUED_HEADER: &str = "x-deploy-issued-at";
+pub const DEPLOY_KEY_HEADER: &str = "x-deploy-key";
+pub const DEPLOY_SIGNATURE_HEADER: &str = "x-deploy-signature";
+
 /// How long an unroutable request waits for a node to say `not_found`. Past
 /// that its caller has long given up.
 pub const UNROUTED_TTL_MS: u32 = 60_000;

@@ -12,6 +12,7 @@ mod cache;
 mod cli;
 mod cluster;
 mod contract;
+mod deploy;
 mod faults;
 mod fib;
 mod fuzz;

@@ -113,7 +113,7 @@ fn modules_table(nodes: &[NodeStatus]) -> String {
 }
 
 /// Left-aligned columns, two spaces apart, with a header line.
-fn table(header: &[&str], rows: impl Iterator<Item = Vec<String>>) -> String {
+pub(super) fn table(header: &[&str], rows: impl Iterator<Item = Vec<String>>) -> String {
     let rows: Vec<Vec<String>> = std::iter::once(header.iter().map(|h| h.to_string()).collect())
         .chain(rows)
         .collect();

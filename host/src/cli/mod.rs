@@ -11,6 +11,7 @@
 mod bench;
 mod call;
 mod completions;
+mod deploy;
 mod fleet;
 mod health;
 mod new;
@@ -104,6 +105,9 @@ enum Command {
     Modules(fleet::FleetArgs),
     Health(health::HealthArgs),
     New(new::NewArgs),
+    Keygen(deploy::KeygenArgs),
+    Deploy(deploy::DeployArgs),
+    Undeploy(deploy::UndeployArgs),
     Completions(completions::CompletionsArgs),
 }
 
@@ -181,6 +185,9 @@ fn dispatch(command: Command, global: &Global) -> Result<(), Failure> {
         Command::Modules(args) => block_on(fleet::run(args, global, true)),
         Command::Health(args) => health::run(args),
         Command::New(args) => new::run(args),
+        Command::Keygen(args) => deploy::keygen(args),
+        Command::Deploy(args) => block_on(deploy::deploy(args, global)),
+        Command::Undeploy(args) => block_on(deploy::undeploy(args, global)),
         Command::Completions(args) => completions::run(args),
     }
 }

@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::Args;
 
 use super::{Failure, Global, parse_size, runtime};
+use crate::deploy::TrustedKeys;
 use crate::manifest::LimitOverrides;
 use crate::node::{self, Node, NodeConfig};
 use crate::runtime::Limits;
@@ -62,6 +63,16 @@ pub(super) struct ServeArgs {
 
     #[command(flatten)]
     cache: CacheArgs,
+
+    /// Take modules deployed with `wasmrpc deploy` when they are signed by
+    /// a key listed in this file (public keys from `wasmrpc keygen`, one a
+    /// line) [default: ignore deploys].
+    #[arg(long, env = "WASMRPC_ACCEPT_DEPLOYS", help_heading = "Deploys")]
+    accept_deploys: Option<PathBuf>,
+
+    /// The largest module a deploy may bring.
+    #[arg(long, env = "WASMRPC_DEPLOY_LIMIT", default_value = "64MiB", value_parser = parse_size, help_heading = "Deploys")]
+    deploy_limit: u64,
 
     /// The largest message the broker accepts: its `max_message_size`
     /// (16MiB by default since RabbitMQ 4.0, 128MiB before). A reply larger
@@ -213,6 +224,10 @@ fn config(args: ServeArgs, global: &Global) -> Result<NodeConfig, Failure> {
         )));
     }
     config.max_message = args.max_message_size as usize;
+    if let Some(path) = &args.accept_deploys {
+        config.accept_deploys = Some(TrustedKeys::read(path).map_err(Failure::Usage)?);
+    }
+    config.deploy_limit = usize::try_from(args.deploy_limit).unwrap_or(usize::MAX);
     (config.cache_dir, config.cache_size) = match args.cache.cache() {
         Some((dir, size)) => (Some(dir), size),
         None => (None, config.cache_size),

@@ -1,11 +1,13 @@
-//! Answers to fleet questions on the control exchange: who this node is and
-//! what it serves (`wasmrpc ping`, `wasmrpc modules`).
+//! Answers on the control exchange: who this node is and what it serves
+//! (`wasmrpc ping`, `wasmrpc modules`), and deploys (`wasmrpc deploy`,
+//! `undeploy`) for a node that takes them.
 
 use std::sync::Arc;
 
 use lapin::message::Delivery;
 
 use super::Shared;
+use crate::deploy::{Ack, Action};
 use crate::request::{self, Context, Reply};
 use crate::wire::{ModuleStatus, NodeStatus};
 
@@ -17,7 +19,59 @@ pub(super) async fn answer(shared: Arc<Shared>, context: Arc<Context>, delivery:
         tracing::debug!("ignoring a control request without reply_to");
         return;
     }
-    let body = serde_json::to_vec(&status(&shared)).expect("a node status is always JSON");
+    let action = delivery
+        .properties
+        .kind()
+        .as_ref()
+        .and_then(|kind| Action::parse(kind.as_str()));
+    let body = match action {
+        None => serde_json::to_vec(&status(&shared)).expect("a node status is always JSON"),
+        Some(action) => {
+            let Some(deploys) = &shared.deploys else {
+                tracing::debug!("ignoring a {}: this node takes no deploys", action.as_str());
+                return;
+            };
+            let module = crate::amqp::header_str(
+                delivery.properties.headers().as_ref(),
+                crate::wire::DEPLOY_NAME_HEADER,
+            )
+            .unwrap_or("?")
+            .to_owned();
+            let outcome = deploys.take(action, &delivery).await;
+            let ack = match outcome {
+                Ok(version) => {
+                    tracing::info!(
+                        %module,
+                        version,
+                        "took a signed {}",
+                        action.as_str()
+                    );
+                    Ack {
+                        node: shared.id.clone(),
+                        host: shared.host.clone(),
+                        accepted: true,
+                        version,
+                        reason: None,
+                    }
+                }
+                Err(refusal) => {
+                    tracing::warn!(
+                        %module,
+                        "refused a {}: {refusal}",
+                        action.as_str()
+                    );
+                    Ack {
+                        node: shared.id.clone(),
+                        host: shared.host.clone(),
+                        accepted: false,
+                        version: None,
+                        reason: Some(refusal.to_string()),
+                    }
+                }
+            };
+            serde_json::to_vec(&ack).expect("an ack is always JSON")
+        }
+    };
     request::answer_unacked(&context, &delivery, Reply::json(body)).await;
 }
 

@@ -13,6 +13,7 @@
 //! was prefetched but not started, then close.
 
 mod control;
+mod deploys;
 mod probe;
 mod session;
 mod subscriptions;
@@ -33,6 +34,7 @@ use tokio_util::task::TaskTracker;
 
 use self::session::{Ended, OpenError, Session};
 use crate::amqp::Brokers;
+use crate::deploy::TrustedKeys;
 use crate::metrics::Metrics;
 use crate::names::ModuleName;
 use crate::registry::{Loader, Registry, Update};
@@ -70,6 +72,10 @@ pub struct NodeConfig {
     /// The largest message body the broker accepts (RabbitMQ's
     /// `max_message_size`): no module's reply limit is higher.
     pub max_message: usize,
+    /// The keys whose signed deploys this node takes; `None` ignores deploys.
+    pub accept_deploys: Option<TrustedKeys>,
+    /// The largest module a deploy may bring.
+    pub deploy_limit: usize,
 }
 
 impl NodeConfig {
@@ -77,6 +83,9 @@ impl NodeConfig {
 
     /// RabbitMQ's default `max_message_size` since 4.0.
     pub const DEFAULT_MAX_MESSAGE: usize = 16 << 20;
+
+    /// The largest module a deploy may bring, unless configured.
+    pub const DEFAULT_DEPLOY_LIMIT: usize = 64 << 20;
 
     /// A configuration with the documented defaults, and no compile cache.
     pub fn new(brokers: Brokers, modules_dir: impl Into<PathBuf>) -> Self {
@@ -92,6 +101,8 @@ impl NodeConfig {
             cache_dir: None,
             cache_size: crate::runtime::DEFAULT_CACHE_SIZE,
             max_message: Self::DEFAULT_MAX_MESSAGE,
+            accept_deploys: None,
+            deploy_limit: Self::DEFAULT_DEPLOY_LIMIT,
         }
     }
 }
@@ -161,6 +172,8 @@ pub(crate) struct Shared {
     pub subscribed: Mutex<BTreeSet<ModuleName>>,
     /// Why the node has no session, while it has none.
     pub broker_error: Mutex<Option<String>>,
+    /// How it takes deploys, if it does.
+    pub deploys: Option<Arc<deploys::Deploys>>,
 }
 
 /// A node that has loaded its modules; [`Node::serve`] connects it.
@@ -196,6 +209,16 @@ impl Node {
         // Watch before the first scan, so nothing that changes during it is missed.
         let (watcher, changes) = watch::watch(&config.modules_dir)?;
         let registry = Arc::new(Registry::default());
+        let deploys = config.accept_deploys.take().map(|trusted| {
+            Arc::new(deploys::Deploys {
+                trusted,
+                dir: config.modules_dir.clone(),
+                runtime: runtime.clone(),
+                limits: config.limits.clone(),
+                max_size: config.deploy_limit,
+                writing: tokio::sync::Mutex::new(()),
+            })
+        });
         let loader = Arc::new(Loader::new(
             runtime,
             &config.modules_dir,
@@ -237,6 +260,7 @@ impl Node {
                 stopping: CancellationToken::new(),
                 subscribed: Mutex::default(),
                 broker_error: Mutex::default(),
+                deploys,
             }),
             brokers: config.brokers,
             updates,
