@@ -25,7 +25,7 @@ use crate::trace::TraceParent;
 use crate::wire::{
     DEPLOY_ISSUED_HEADER, DEPLOY_KEY_HEADER, DEPLOY_MANIFEST_HEADER, DEPLOY_NAME_HEADER,
     DEPLOY_SIGNATURE_HEADER, ERROR_HEADER, ErrorKind, NodeStatus, TIMEOUT_HEADER,
-    TRACEPARENT_HEADER, Topology, VERSION_HEADER,
+    TRACEPARENT_HEADER, Topology, VERSION_HEADER, unix_time,
 };
 
 /// The pseudo-queue RabbitMQ routes direct replies through.
@@ -202,10 +202,7 @@ impl Client {
             );
         }
         // Nodes measure how long requests wait in their queue from it.
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_secs();
+        let now = unix_time().as_secs();
         let properties = BasicProperties::default()
             .with_reply_to(DIRECT_REPLY_TO.into())
             .with_correlation_id(correlation_id.as_str().into())

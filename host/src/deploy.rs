@@ -13,7 +13,7 @@
 
 use std::fmt;
 use std::path::Path;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use ed25519_dalek::{Signature, Signer as _, SigningKey, Verifier as _, VerifyingKey};
@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
 use crate::names::ModuleName;
+use crate::wire::unix_time;
 
 /// How old a signed deploy may be when a node gets it (clocks may differ
 /// a little; a deploy waits for no queue).
@@ -241,10 +242,7 @@ pub struct Ack {
 }
 
 fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs()
+    unix_time().as_secs()
 }
 
 #[cfg(test)]

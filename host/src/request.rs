@@ -13,7 +13,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use lapin::BasicProperties;
 use lapin::message::Delivery;
@@ -33,6 +33,7 @@ use crate::trace::TraceParent;
 use crate::wire::{
     APP_ID, DEADLINE_HEADER, DEFAULT_CONTENT_TYPE, DELIVERY_COUNT_HEADER, ERROR_CONTENT_TYPE,
     ERROR_HEADER, ErrorKind, TIMEOUT_HEADER, TRACEPARENT_HEADER, TRACESTATE_HEADER, VERSION_HEADER,
+    unix_time,
 };
 
 /// What a request task may use of the node.
@@ -123,7 +124,7 @@ impl Reply {
     fn properties(&self, correlation_id: Option<&ShortString>) -> BasicProperties {
         let mut properties = BasicProperties::default()
             .with_app_id(APP_ID.into())
-            .with_timestamp(unix_seconds())
+            .with_timestamp(unix_time().as_secs())
             .with_content_type(
                 self.content_type
                     .as_deref()
@@ -154,13 +155,6 @@ impl Reply {
         }
         properties
     }
-}
-
-fn unix_seconds() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs()
 }
 
 /// What a delivery is for.
@@ -316,8 +310,7 @@ fn queue_wait(delivery: &Delivery) -> Option<Duration> {
     } else {
         Duration::from_secs(stamp)
     };
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).ok()?;
-    now.checked_sub(stamp)
+    unix_time().checked_sub(stamp)
 }
 
 /// What a request comes to before its reply goes out.
@@ -633,10 +626,7 @@ fn caller_deadline(
         None => None,
     };
     let deadline = header_u64(headers, DEADLINE_HEADER)?.map(|unix_ms| {
-        let now_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_millis() as u64;
+        let now_ms = unix_time().as_millis() as u64;
         if unix_ms >= now_ms {
             received + Duration::from_millis(unix_ms - now_ms)
         } else {

@@ -14,6 +14,7 @@
 //!   request's reply carries [`ERROR_HEADER`].
 
 use std::fmt;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
@@ -75,6 +76,14 @@ pub const DEPLOY_SIGNATURE_HEADER: &str = "x-deploy-signature";
 /// How long an unroutable request waits for a node to say `not_found`. Past
 /// that its caller has long given up.
 pub const UNROUTED_TTL_MS: u32 = 60_000;
+
+/// The wall clock as the wire counts it (AMQP timestamps, `x-deadline`,
+/// signed deploys): time since the Unix epoch; zero if the clock is before it.
+pub fn unix_time() -> Duration {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+}
 
 /// The names of everything one wasmrpc deployment declares on the broker,
 /// all derived from its exchange name so deployments (and tests) can share a

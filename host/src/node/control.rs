@@ -7,9 +7,10 @@ use std::sync::Arc;
 use lapin::message::Delivery;
 
 use super::Shared;
+use crate::amqp::header_str;
 use crate::deploy::{Ack, Action};
 use crate::request::{self, Context, Reply};
-use crate::wire::{ModuleStatus, NodeStatus};
+use crate::wire::{DEPLOY_NAME_HEADER, ModuleStatus, NodeStatus};
 
 /// Control requests are consumed without acks: an answer that does not go
 /// out (the broker refused it, or the session was lost) only means this node
@@ -31,12 +32,9 @@ pub(super) async fn answer(shared: Arc<Shared>, context: Arc<Context>, delivery:
                 tracing::debug!("ignoring a {}: this node takes no deploys", action.as_str());
                 return;
             };
-            let module = crate::amqp::header_str(
-                delivery.properties.headers().as_ref(),
-                crate::wire::DEPLOY_NAME_HEADER,
-            )
-            .unwrap_or("?")
-            .to_owned();
+            let module = header_str(delivery.properties.headers().as_ref(), DEPLOY_NAME_HEADER)
+                .unwrap_or("?")
+                .to_owned();
             let outcome = deploys.take(action, &delivery).await;
             let ack = match outcome {
                 Ok(version) => {
