@@ -11,7 +11,7 @@ use anyhow::Context as _;
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::uri::AMQPUri;
+use lapin::uri::{AMQPUri, SASLMechanism};
 use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
 
 use crate::names::ModuleName;
@@ -47,6 +47,18 @@ impl Broker {
         let mut uri = self.uri.clone();
         uri.query.heartbeat.get_or_insert(DEFAULT_HEARTBEAT_SECS);
         uri
+    }
+
+    /// The broker user this URL logs in as, when its login names one (a
+    /// password login, not EXTERNAL or ANONYMOUS): the user the broker
+    /// checks a message's `user_id` against.
+    pub fn user(&self) -> Option<&str> {
+        let mechanism = self.uri.query.auth_mechanism.unwrap_or_default();
+        matches!(
+            mechanism,
+            SASLMechanism::Plain | SASLMechanism::AMQPlain | SASLMechanism::RabbitCrDemo
+        )
+        .then_some(self.uri.authority.userinfo.username.as_str())
     }
 }
 
@@ -279,15 +291,7 @@ pub async fn declare_topology(connection: &Connection, topology: &Topology) -> a
         FieldTable::default(),
     )
     .await?;
-    let mut arguments = FieldTable::default();
-    arguments.insert("alternate-exchange".into(), string(&unrouted));
-    declare_exchange(
-        &channel,
-        topology.exchange(),
-        ExchangeKind::Direct,
-        arguments,
-    )
-    .await?;
+    declare_requests_exchange(connection, topology).await?;
     let dead = topology.dead_exchange();
     declare_exchange(&channel, &dead, ExchangeKind::Fanout, FieldTable::default()).await?;
     let control = topology.control_exchange();
@@ -309,6 +313,63 @@ pub async fn declare_topology(connection: &Connection, topology: &Topology) -> a
     bind(&channel, &queue, &dead, "").await?;
     let _ = channel.close(200, "declared".into()).await;
     Ok(())
+}
+
+/// Declares the exchange callers publish requests to: a topic exchange, so
+/// that RabbitMQ's topic permissions can say which modules a user may call
+/// (module names hold no `.`, `*` or `#`, so each binds its own name only).
+/// An exchange declared as a direct one by wasmrpc before 0.2 is used as it
+/// is, with a warning: requests route the same, but per-module permissions
+/// do not apply (README, "Security model", says how to migrate).
+async fn declare_requests_exchange(
+    connection: &Connection,
+    topology: &Topology,
+) -> anyhow::Result<()> {
+    let mut arguments = FieldTable::default();
+    arguments.insert(
+        "alternate-exchange".into(),
+        string(&topology.unrouted_exchange()),
+    );
+    let exchange = topology.exchange();
+    let channel = connection
+        .create_channel()
+        .await
+        .context("failed to open a channel")?;
+    let declared =
+        declare_exchange(&channel, exchange, ExchangeKind::Topic, arguments.clone()).await;
+    match declared {
+        Ok(()) => {
+            let _ = channel.close(200, "declared".into()).await;
+            Ok(())
+        }
+        Err(error) if is_other_type(&error) => {
+            // The refusal closed that channel.
+            let channel = connection
+                .create_channel()
+                .await
+                .context("failed to open a channel")?;
+            declare_exchange(&channel, exchange, ExchangeKind::Direct, arguments).await?;
+            let _ = channel.close(200, "declared".into()).await;
+            tracing::warn!(
+                "exchange {exchange:?} is a direct exchange, declared by an earlier wasmrpc: \
+                 requests route as before, but RabbitMQ's topic permissions (which modules a \
+                 broker user may call) apply only to a topic exchange; see README.md, \
+                 \"Security model\", to migrate"
+            );
+            Ok(())
+        }
+        Err(error) => Err(error),
+    }
+}
+
+/// Whether the broker refused a declaration because the exchange exists
+/// with another type.
+fn is_other_type(error: &anyhow::Error) -> bool {
+    lapin_cause(error).is_some_and(|error| {
+        reply_code(error) == Some(PRECONDITION_FAILED)
+            && matches!(error.kind(), lapin::ErrorKind::ProtocolError(amqp)
+                if amqp.get_message().as_str().contains("'type'"))
+    })
 }
 
 async fn declare_exchange(
@@ -517,6 +578,14 @@ mod tests {
             "amqp://guest:***@rabbit:5672/%2f"
         );
         assert_eq!(shown("amqps://bob@rabbit/vh"), "amqps://bob@rabbit/vh");
+    }
+
+    #[test]
+    fn a_broker_knows_its_user_when_it_logs_in_with_a_password() {
+        let user = |url: &str| url.parse::<Broker>().unwrap().user().map(str::to_owned);
+        assert_eq!(user("amqp://127.0.0.1/%2f").as_deref(), Some("guest"));
+        assert_eq!(user("amqp://n%40de:pw@rabbit/%2f").as_deref(), Some("n@de"));
+        assert_eq!(user("amqps://rabbit/%2f?auth_mechanism=external"), None);
     }
 
     #[test]

@@ -23,9 +23,8 @@ use crate::amqp::{self, Brokers};
 use crate::deploy::{Ack, Order, Signed};
 use crate::trace::TraceParent;
 use crate::wire::{
-    DEPLOY_ISSUED_HEADER, DEPLOY_KEY_HEADER, DEPLOY_MANIFEST_HEADER, DEPLOY_NAME_HEADER,
-    DEPLOY_SIGNATURE_HEADER, ERROR_HEADER, ErrorKind, NodeStatus, TIMEOUT_HEADER,
-    TRACEPARENT_HEADER, Topology, VERSION_HEADER, unix_time,
+    ERROR_HEADER, ErrorKind, NodeStatus, TIMEOUT_HEADER, TRACEPARENT_HEADER, Topology,
+    VERSION_HEADER, unix_time,
 };
 
 /// The pseudo-queue RabbitMQ routes direct replies through.
@@ -46,6 +45,19 @@ pub struct Reply {
     /// The node's span of the call's trace (`traceparent`), if the call
     /// carried one.
     pub traceparent: Option<String>,
+    /// The broker user that sent the reply, as the broker checked it (the
+    /// message's `user_id`), if the sender set it.
+    pub user_id: Option<String>,
+}
+
+/// An answer from a node on the control exchange, with the broker user that
+/// sent it: the broker refuses a message whose `user_id` is not its
+/// sender's, so this is what the broker vouches for; `None` if the sender
+/// did not say.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Answer<T> {
+    pub value: T,
+    pub user: Option<String>,
 }
 
 /// How to make a call, beyond its module, body and timeout.
@@ -71,6 +83,8 @@ pub enum ClientError {
         "exchange {0:?} does not exist on the broker: no wasmrpc node has run there with this exchange"
     )]
     NoExchange(String),
+    #[error("the broker refused it: {0}")]
+    Refused(String),
     #[error("lost the broker connection: {0}")]
     Broker(String),
 }
@@ -255,42 +269,28 @@ impl Client {
     pub async fn fleet(&self, wait: Duration) -> Result<Vec<NodeStatus>, ClientError> {
         let mut nodes: Vec<NodeStatus> = self
             .ask_fleet(BasicProperties::default(), b"status", wait)
-            .await?;
+            .await?
+            .into_iter()
+            .map(|answer| answer.value)
+            .collect();
         nodes.sort_by(|a, b| a.node.cmp(&b.node));
         Ok(nodes)
     }
 
     /// Sends a signed deploy or undeploy to every node on the exchange and
-    /// returns the answers of those that take deploys, within `wait`, in
-    /// node-id order. Nodes that take no deploys do not answer.
+    /// returns the answers that came within `wait`, in node-id order. Nodes
+    /// that take no deploys do not answer; anyone who can publish to the
+    /// default exchange and has seen the order may, which is why each
+    /// answer comes with the broker user that sent it.
     pub async fn order(
         &self,
         order: &Order,
         signed: &Signed,
         wait: Duration,
-    ) -> Result<Vec<Ack>, ClientError> {
-        let mut headers = FieldTable::default();
-        let mut text = |name: &str, value: String| {
-            headers.insert(name.into(), AMQPValue::LongString(value.into()));
-        };
-        text(DEPLOY_NAME_HEADER, order.name.to_string());
-        text(DEPLOY_KEY_HEADER, hex::encode(signed.key.as_bytes()));
-        text(
-            DEPLOY_SIGNATURE_HEADER,
-            hex::encode(signed.signature.to_bytes()),
-        );
-        if let Some(manifest) = &order.manifest {
-            text(DEPLOY_MANIFEST_HEADER, manifest.clone());
-        }
-        headers.insert(
-            DEPLOY_ISSUED_HEADER.into(),
-            AMQPValue::LongLongInt(order.issued_at as i64),
-        );
-        let properties = BasicProperties::default()
-            .with_type(order.action.as_str().into())
-            .with_headers(headers);
-        let mut acks: Vec<Ack> = self.ask_fleet(properties, &order.module, wait).await?;
-        acks.sort_by(|a, b| a.node.cmp(&b.node));
+    ) -> Result<Vec<Answer<Ack>>, ClientError> {
+        let (properties, body) = order.to_message(signed);
+        let mut acks: Vec<Answer<Ack>> = self.ask_fleet(properties, body, wait).await?;
+        acks.sort_by(|a, b| a.value.node.cmp(&b.value.node));
         Ok(acks)
     }
 
@@ -301,7 +301,7 @@ impl Client {
         properties: BasicProperties,
         body: &[u8],
         wait: Duration,
-    ) -> Result<Vec<T>, ClientError> {
+    ) -> Result<Vec<Answer<T>>, ClientError> {
         let correlation_id = uuid::Uuid::new_v4().to_string();
         let (sender, mut answers) = mpsc::unbounded_channel();
         self.wait_for(&correlation_id, Waiter::Many(sender))?;
@@ -345,7 +345,10 @@ impl Client {
         let deadline = tokio::time::Instant::now() + wait;
         while let Ok(Some(reply)) = tokio::time::timeout_at(deadline, answers.recv()).await {
             match serde_json::from_slice::<T>(&reply.body) {
-                Ok(answer) => found.push(answer),
+                Ok(value) => found.push(Answer {
+                    value,
+                    user: reply.user_id,
+                }),
                 Err(error) => tracing::warn!("ignoring an answer that does not parse: {error}"),
             }
         }
@@ -401,6 +404,7 @@ fn route(pending: &Pending, delivery: lapin::message::Delivery) {
             .as_ref()
             .map(|value| value.to_string()),
         traceparent: amqp::header_str(headers, TRACEPARENT_HEADER).map(str::to_owned),
+        user_id: properties.user_id().as_ref().map(|user| user.to_string()),
         correlation_id: correlation_id.clone(),
         body: delivery.data,
     };
@@ -421,11 +425,20 @@ fn route(pending: &Pending, delivery: lapin::message::Delivery) {
 
 /// Turns a channel failure into what the caller should hear.
 fn describe(error: &lapin::Error, exchange: &str) -> ClientError {
-    if let LapinErrorKind::ProtocolError(amqp) = error.kind()
-        && let AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND) = amqp.kind()
-        && amqp.get_message().as_str().contains("no exchange")
-    {
-        return ClientError::NoExchange(exchange.to_owned());
+    if let LapinErrorKind::ProtocolError(amqp) = error.kind() {
+        match amqp.kind() {
+            AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND)
+                if amqp.get_message().as_str().contains("no exchange") =>
+            {
+                return ClientError::NoExchange(exchange.to_owned());
+            }
+            // The broker user may not publish there (a module it may not call,
+            // say): RabbitMQ says which resource and which user.
+            AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED) => {
+                return ClientError::Refused(amqp.get_message().to_string());
+            }
+            _ => {}
+        }
     }
     ClientError::Broker(error.to_string())
 }

@@ -2,9 +2,19 @@
 //! Prometheus: `/metrics`, `/healthz` (the process answers) and `/readyz`
 //! (requests published now reach this node; 503 with a one-line reason
 //! otherwise). It reads the node through a [`Probe`] and changes nothing.
+//!
+//! Whoever can reach the port can open connections, so none may hold one:
+//! a connection must send a request's headers within [`HEADER_TIMEOUT`] of
+//! opening or of its last answer (idle or half-sent, it is closed then), no
+//! connection lives longer than [`LIFETIME`], and at most
+//! [`MAX_CONNECTIONS`] are open: one more makes the oldest close, so that a
+//! flood of idle connections cannot keep out the health check.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use axum::Router;
@@ -12,10 +22,33 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::metrics;
 use crate::node::Probe;
+
+/// How long a connection may take to send a request's headers, counted from
+/// when it opened or was last answered.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The longest a connection stays open, however busy: then it is closed
+/// once its request in flight is answered (a client reconnects).
+pub const LIFETIME: Duration = Duration::from_secs(20);
+
+/// How long a connection closing at [`LIFETIME`] may take to finish its
+/// request in flight.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
+
+/// The most connections open at once; one more closes the oldest.
+pub const MAX_CONNECTIONS: usize = 64;
+
+/// After a failed accept (out of file descriptors, say), wait this long
+/// before the next, rather than spin.
+const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 
 /// Listens on `addr`; fails if it cannot (in use, not ours).
 pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
@@ -35,9 +68,78 @@ pub async fn serve(
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .with_state(probe);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
+    let open = Arc::new(Open::default());
+    let tasks = TaskTracker::new();
+    let stop = CancellationToken::new();
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, _) = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    tracing::warn!("failed to accept an HTTP connection: {error}");
+                    tokio::time::sleep(ACCEPT_PAUSE).await;
+                    continue;
+                }
+            },
+        };
+        let (id, closed) = open.add(&stop);
+        let service = TowerToHyperService::new(app.clone());
+        let open = open.clone();
+        tasks.spawn(async move {
+            let mut http = hyper::server::conn::http1::Builder::new();
+            http.timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT);
+            let connection = http.serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(connection);
+            tokio::select! {
+                _ = connection.as_mut() => {}
+                () = closed.cancelled() => {}
+                () = tokio::time::sleep(LIFETIME) => {
+                    connection.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(CLOSE_GRACE, connection).await;
+                }
+            }
+            open.remove(id);
+        });
+    }
+    stop.cancel();
+    tasks.close();
+    tasks.wait().await;
+    Ok(())
+}
+
+/// The connections open, oldest first, each with what closes it.
+#[derive(Default)]
+struct Open {
+    connections: Mutex<(u64, BTreeMap<u64, CancellationToken>)>,
+}
+
+impl Open {
+    /// Counts a new connection in, closing the oldest if that makes one too
+    /// many. Returns its id and what closes it.
+    fn add(&self, stop: &CancellationToken) -> (u64, CancellationToken) {
+        let mut guard = self.connections.lock().expect("connections lock");
+        let (next, open) = &mut *guard;
+        if open.len() >= MAX_CONNECTIONS
+            && let Some((_, oldest)) = open.pop_first()
+        {
+            oldest.cancel();
+        }
+        *next += 1;
+        let closed = stop.child_token();
+        open.insert(*next, closed.clone());
+        (*next, closed)
+    }
+
+    fn remove(&self, id: u64) {
+        self.connections
+            .lock()
+            .expect("connections lock")
+            .1
+            .remove(&id);
+    }
 }
 
 async fn metrics(State(probe): State<Probe>) -> impl IntoResponse {

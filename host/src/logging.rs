@@ -1,6 +1,7 @@
 //! Log output on stderr, filtered like `RUST_LOG`: lines for people, or
-//! JSON objects for a log shipper.
+//! JSON objects for a log shipper; and [`Escaped`], for text from outside.
 
+use std::fmt::{self, Write as _};
 use std::io::IsTerminal as _;
 
 use tracing_subscriber::EnvFilter;
@@ -41,4 +42,46 @@ pub fn init(filter: &str, format: LogFormat) -> anyhow::Result<()> {
             .try_init(),
     };
     installed.map_err(|error| anyhow::anyhow!("failed to install the logger: {error}"))
+}
+
+/// Text that came from outside the node (a routing key, a correlation id, a
+/// deploy's module name, what a guest wrote), shown in a log line with its
+/// control characters escaped: a newline in it cannot start a forged line,
+/// nor an escape sequence repaint the terminal.
+#[derive(Clone, Copy)]
+pub struct Escaped<'a>(pub &'a str);
+
+impl fmt::Display for Escaped<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for c in self.0.chars() {
+            if c.is_control() {
+                write!(f, "{}", c.escape_debug())?;
+            } else {
+                f.write_char(c)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for Escaped<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.0, f)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Escaped;
+
+    #[test]
+    fn control_characters_are_escaped_and_the_rest_kept() {
+        let forged = "fib\n2026-12-01T00:00:00Z ERROR forged\r\u{1b}[2J\0";
+        let shown = Escaped(forged).to_string();
+        assert!(!shown.contains('\n') && !shown.contains('\r') && !shown.contains('\u{1b}'));
+        assert_eq!(
+            Escaped("fib\nERROR\u{1b}[2J é").to_string(),
+            "fib\\nERROR\\u{1b}[2J é"
+        );
+    }
 }

@@ -87,6 +87,9 @@ pub struct Loader {
     /// No module's reply limit is above it: the broker refuses larger messages.
     max_reply: usize,
     registry: Arc<Registry>,
+    /// Held while a module's files are read: whoever changes several files
+    /// at once (a deploy) holds it too, so they are read together.
+    directory: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Loader {
@@ -106,7 +109,14 @@ impl Loader {
             limits,
             max_reply,
             registry,
+            directory: Arc::default(),
         }
+    }
+
+    /// The lock held while a module's files are read: hold it to change
+    /// several of them as one.
+    pub fn directory(&self) -> Arc<tokio::sync::Mutex<()>> {
+        self.directory.clone()
     }
 
     /// Loads every module in the directory, several at a time. A file that
@@ -218,10 +228,15 @@ impl Loader {
         path: &Path,
         current: Option<&LoadedModule>,
     ) -> anyhow::Result<Option<LoadedModule>> {
-        load_file(
+        let files = {
+            let _reading = self.directory.lock().await;
+            ModuleFiles::read(path).await?
+        };
+        prepare(
             &self.runtime,
             name,
             path,
+            files,
             &self.limits,
             self.max_reply,
             current,
@@ -244,6 +259,23 @@ impl Loader {
     }
 }
 
+/// A module's files, read together: its bytes and its manifest.
+pub struct ModuleFiles {
+    manifest: Manifest,
+    bytes: Vec<u8>,
+}
+
+impl ModuleFiles {
+    /// Reads the module at `path` and the manifest beside it, if any.
+    pub async fn read(path: &Path) -> anyhow::Result<ModuleFiles> {
+        let manifest = Manifest::beside(path)?.unwrap_or_default();
+        let bytes = tokio::fs::read(path)
+            .await
+            .with_context(|| format!("failed to read {}", path.display()))?;
+        Ok(ModuleFiles { manifest, bytes })
+    }
+}
+
 /// Reads, hashes and compiles the module at `path` as `name`, with `limits`
 /// changed by its manifest if it has one, and no reply limit above
 /// `max_reply`. `None` if `current` is the very same build, limits and
@@ -256,28 +288,30 @@ pub async fn load_file(
     max_reply: usize,
     current: Option<&LoadedModule>,
 ) -> anyhow::Result<Option<LoadedModule>> {
-    let manifest = Manifest::beside(path)?.unwrap_or_default();
-    let mut limits = manifest.limits.apply_to(limits).map_err(|error| {
+    let files = ModuleFiles::read(path).await?;
+    prepare(runtime, name, path, files, limits, max_reply, current).await
+}
+
+/// Compiles a module read from `path`; see [`load_file`].
+async fn prepare(
+    runtime: &Runtime,
+    name: &ModuleName,
+    path: &Path,
+    files: ModuleFiles,
+    limits: &Limits,
+    max_reply: usize,
+    current: Option<&LoadedModule>,
+) -> anyhow::Result<Option<LoadedModule>> {
+    let ModuleFiles { manifest, bytes } = files;
+    let limits = limits_of(&manifest, limits, max_reply, name).map_err(|error| {
         anyhow::anyhow!(
             "invalid manifest {}: {error}",
             path.with_extension("toml").display()
         )
     })?;
-    if limits.reply > max_reply {
-        tracing::warn!(
-            module = %name,
-            "its manifest sets a reply limit of {}, more than the broker accepts: using {}",
-            Bytes(limits.reply as u64),
-            Bytes(max_reply as u64)
-        );
-        limits.reply = max_reply;
-    }
     let content_type = manifest
         .content_type
         .unwrap_or_else(|| DEFAULT_CONTENT_TYPE.to_owned());
-    let bytes = tokio::fs::read(path)
-        .await
-        .with_context(|| format!("failed to read {}", path.display()))?;
     let wasm = Wasm::new(bytes);
     if let Some(current) = current
         && current.module.digest() == wasm.digest()
@@ -298,4 +332,26 @@ pub async fn load_file(
         path: path.to_owned(),
         content_type,
     }))
+}
+
+/// The limits a module serves within: `base` (the node's) changed by its
+/// manifest, checked, and with no reply limit above `max_reply` (what the
+/// broker accepts; a higher one is lowered, with a warning).
+pub fn limits_of(
+    manifest: &Manifest,
+    base: &Limits,
+    max_reply: usize,
+    name: &ModuleName,
+) -> Result<Limits, String> {
+    let mut limits = manifest.limits.apply_to(base)?;
+    if limits.reply > max_reply {
+        tracing::warn!(
+            module = %name,
+            "its manifest sets a reply limit of {}, more than the broker accepts: using {}",
+            Bytes(limits.reply as u64),
+            Bytes(max_reply as u64)
+        );
+        limits.reply = max_reply;
+    }
+    Ok(limits)
 }

@@ -77,6 +77,13 @@ struct Path {
     failed: Option<(Instant, String)>,
 }
 
+/// Whether a message goes out with the path's broker user as its `user_id`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Vouch {
+    Yes,
+    No,
+}
+
 /// Why one attempt to send failed.
 enum Failure {
     /// The path could not be opened.
@@ -119,6 +126,34 @@ impl Replies {
         body: &[u8],
         abandon: &CancellationToken,
     ) -> Result<(), ReplyError> {
+        self.send_as(reply_to, properties, body, abandon, Vouch::No)
+            .await
+    }
+
+    /// [`Replies::send`], with the message's `user_id` set to the broker
+    /// user the path logged in as (when it logged in with a password): the
+    /// broker refuses a `user_id` that is not the publisher's own, so whoever
+    /// reads the message knows it came from that user. For the node's
+    /// answers on the control exchange, which a deployer authenticates so.
+    pub async fn send_vouched(
+        &self,
+        reply_to: &str,
+        properties: BasicProperties,
+        body: &[u8],
+        abandon: &CancellationToken,
+    ) -> Result<(), ReplyError> {
+        self.send_as(reply_to, properties, body, abandon, Vouch::Yes)
+            .await
+    }
+
+    async fn send_as(
+        &self,
+        reply_to: &str,
+        properties: BasicProperties,
+        body: &[u8],
+        abandon: &CancellationToken,
+        vouch: Vouch,
+    ) -> Result<(), ReplyError> {
         let limit = self.max_message();
         if body.len() > limit {
             return Err(ReplyError::TooLarge {
@@ -128,7 +163,10 @@ impl Replies {
         }
         let mut pauses = nack_backoff().build();
         loop {
-            match self.send_once(reply_to, &properties, body, abandon).await {
+            match self
+                .send_once(reply_to, &properties, body, abandon, vouch)
+                .await
+            {
                 Err(Failure::Nacked) => {
                     let Some(pause) = pauses.next() else {
                         return Err(ReplyError::Unavailable(
@@ -157,13 +195,14 @@ impl Replies {
         properties: &BasicProperties,
         body: &[u8],
         abandon: &CancellationToken,
+        vouch: Vouch,
     ) -> Result<Result<(), ReplyError>, Failure> {
         let first = {
             let Some(_shared) = abandon.run_until_cancelled(self.gate.read()).await else {
                 return Ok(Err(ReplyError::Abandoned));
             };
             abandon
-                .run_until_cancelled(self.attempt(reply_to, properties, body))
+                .run_until_cancelled(self.attempt(reply_to, properties, body, vouch))
                 .await
         };
         let generation = match first {
@@ -180,7 +219,7 @@ impl Replies {
             return Ok(Err(ReplyError::Abandoned));
         };
         match abandon
-            .run_until_cancelled(self.attempt(reply_to, properties, body))
+            .run_until_cancelled(self.attempt(reply_to, properties, body, vouch))
             .await
         {
             None => Ok(Err(ReplyError::Abandoned)),
@@ -221,15 +260,22 @@ impl Replies {
         reply_to: &str,
         properties: &BasicProperties,
         body: &[u8],
+        vouch: Vouch,
     ) -> Result<(), Failure> {
-        let (channel, generation) = self.channel().await.map_err(Failure::Open)?;
+        let (channel, generation, broker) = self.channel().await.map_err(Failure::Open)?;
+        let mut properties = properties.clone();
+        if vouch == Vouch::Yes
+            && let Some(user) = self.brokers.get(broker).user()
+        {
+            properties = properties.with_user_id(user.into());
+        }
         let confirm = channel
             .basic_publish(
                 "".into(),
                 reply_to.into(),
                 BasicPublishOptions::default(),
                 body,
-                properties.clone(),
+                properties,
             )
             .await;
         let confirmation = match confirm {
@@ -252,11 +298,11 @@ impl Replies {
     }
 
     /// The open channel, opening one (and a connection, if need be) first.
-    async fn channel(&self) -> Result<(Channel, u64), String> {
+    async fn channel(&self) -> Result<(Channel, u64, usize), String> {
         let mut path = self.path.lock().await;
         if let Some((channel, generation)) = &path.channel {
             if channel.status().connected() {
-                return Ok((channel.clone(), *generation));
+                return Ok((channel.clone(), *generation, path.broker));
             }
             path.channel = None;
         }
@@ -281,7 +327,7 @@ impl Replies {
                 path.generation += 1;
                 let generation = path.generation;
                 path.channel = Some((channel.clone(), generation));
-                Ok((channel, generation))
+                Ok((channel, generation, path.broker))
             }
             Err(why) => {
                 path.failed = Some((Instant::now(), why.clone()));

@@ -17,23 +17,25 @@ use std::time::{Duration, Instant};
 
 use lapin::BasicProperties;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicNackOptions};
+use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
 use crate::amqp::header_u64;
+use crate::logging::Escaped;
 use crate::metrics::{Limit, Metrics};
 use crate::names::ModuleName;
 use crate::registry::LoadedModule;
 use crate::replies::{Replies, ReplyError};
+use crate::runtime::CallError;
 use crate::stats::Stats;
 use crate::trace::TraceParent;
 use crate::wire::{
-    APP_ID, DEADLINE_HEADER, DEFAULT_CONTENT_TYPE, DELIVERY_COUNT_HEADER, ERROR_CONTENT_TYPE,
-    ERROR_HEADER, ErrorKind, TIMEOUT_HEADER, TRACEPARENT_HEADER, TRACESTATE_HEADER, VERSION_HEADER,
-    unix_time,
+    ACQUIRED_COUNT_HEADER, APP_ID, DEADLINE_HEADER, DEFAULT_CONTENT_TYPE, DELIVERY_COUNT_HEADER,
+    ERROR_CONTENT_TYPE, ERROR_HEADER, ErrorKind, TIMEOUT_HEADER, TRACEPARENT_HEADER,
+    TRACESTATE_HEADER, VERSION_HEADER, unix_time,
 };
 
 /// What a request task may use of the node.
@@ -182,12 +184,12 @@ pub(crate) async fn handle(context: Arc<Context>, target: Target, delivery: Deli
         .properties
         .correlation_id()
         .as_ref()
-        .map_or("", ShortString::as_str)
-        .to_owned();
+        .map_or("", ShortString::as_str);
+    // Both come from the caller: escaped, they cannot forge a log line.
     let span = tracing::info_span!(
         "request",
-        module = %delivery.routing_key,
-        %correlation_id,
+        module = %Escaped(delivery.routing_key.as_str()),
+        correlation_id = %Escaped(correlation_id),
         version = tracing::field::Empty,
         trace_id = tracing::field::Empty,
         span_id = tracing::field::Empty,
@@ -225,10 +227,37 @@ fn trace_context(
     span.record("trace_id", ours.trace_id());
     span.record("span_id", ours.span_id());
     let state = match headers.inner().get(TRACESTATE_HEADER) {
-        Some(AMQPValue::LongString(state)) => Some(state.clone()),
-        _ => None,
+        None => None,
+        Some(AMQPValue::LongString(state)) => trace_state(state.as_bytes(), span),
+        Some(AMQPValue::ShortString(state)) => trace_state(state.as_str().as_bytes(), span),
+        Some(_) => {
+            tracing::debug!(parent: span, "ignoring a tracestate header that is not a string");
+            None
+        }
     };
     Some((ours, state))
+}
+
+/// The most a `tracestate` may hold to be passed on: W3C Trace Context's
+/// limits (32 list members; 512 bytes, beyond which vendors may drop it).
+/// The reply echoes it, so it must stay small whatever the caller sends.
+pub(crate) const MAX_TRACESTATE: usize = 512;
+const MAX_TRACESTATE_MEMBERS: usize = 32;
+
+/// The caller's `tracestate`, to echo in the reply, if it is within W3C's
+/// limits and printable; otherwise dropped, with a debug line.
+fn trace_state(state: &[u8], span: &tracing::Span) -> Option<LongString> {
+    let why = if state.len() > MAX_TRACESTATE {
+        "longer than 512 bytes"
+    } else if !state.iter().all(|&b| (0x20..0x7f).contains(&b)) {
+        "not printable ASCII"
+    } else if state.split(|&b| b == b',').count() > MAX_TRACESTATE_MEMBERS {
+        "more than 32 members"
+    } else {
+        return Some(LongString::from(state.to_vec()));
+    };
+    tracing::debug!(parent: span, "dropping the request's tracestate: {why}");
+    None
 }
 
 async fn handle_in_span(
@@ -282,7 +311,7 @@ async fn handle_in_span(
         Some(kind) => tracing::warn!(
             elapsed_ms,
             error = %kind,
-            detail = %String::from_utf8_lossy(&reply.body),
+            detail = %Escaped(&String::from_utf8_lossy(&reply.body)),
             "failed"
         ),
     }
@@ -348,6 +377,24 @@ async fn run_module(
             });
         }
     };
+    // On arrival, not when a slot frees: a body over the limit is never
+    // held while it waits.
+    let limit = module.module.limits().request;
+    if delivery.data.len() > limit {
+        context.metrics.tripped(&module.name, Limit::Request);
+        let error = CallError::InputTooLarge {
+            size: delivery.data.len(),
+            limit,
+        };
+        return Some(Outcome {
+            reply: Reply {
+                version: Some(module.version.clone()),
+                ..Reply::error(ErrorKind::from(&error), format!("{}: {error}", module.name))
+            },
+            settlement: Settlement::Ack,
+            ran: Some(module.name.clone()),
+        });
+    }
     // The module's share first, so that a module at its share holds no
     // instance another module could use.
     let share = context.shares.of(&module.name);
@@ -480,7 +527,7 @@ async fn answer(
             }
             Err(error @ (ReplyError::Refused(_) | ReplyError::TooLarge { .. })) => {
                 tracing::error!(
-                    %reply_to,
+                    reply_to = %Escaped(reply_to),
                     "{error}: rejecting the request so that it cannot cycle (a module queue dead-letters it)"
                 );
                 Settlement::DeadLetter
@@ -515,24 +562,29 @@ pub(crate) async fn give_back(context: &Context, delivery: &Delivery) {
     settle(context, delivery, Settlement::Requeue).await;
 }
 
-/// Sends a reply to a request that is not settled (one consumed without
-/// acks, such as a fleet question). Returns whether it went out.
-pub(crate) async fn answer_unacked(context: &Context, delivery: &Delivery, reply: Reply) -> bool {
-    let Some(reply_to) = delivery.properties.reply_to().as_ref() else {
-        return false;
-    };
-    let properties = reply.properties(delivery.properties.correlation_id().as_ref());
-    match context
-        .replies
-        .send(reply_to.as_str(), properties, &reply.body, &context.lost)
-        .await
-    {
-        Ok(()) => true,
-        Err(error) => {
-            tracing::warn!(reply_to = %reply_to, "cannot answer a fleet question: {error}");
-            false
+/// Answers a message of the control queue (a fleet question, a deploy
+/// order) and acks it, whatever became of the answer: the work is done, and
+/// an answer lost only means that its asker hears nothing from this node.
+/// The answer carries this node's broker user as its `user_id`, which the
+/// broker vouches for (see `Replies::send_vouched`). `None` answers nothing.
+pub(crate) async fn answer_control(context: &Context, delivery: &Delivery, reply: Option<Reply>) {
+    if let (Some(reply), Some(reply_to)) = (reply, delivery.properties.reply_to().as_ref()) {
+        let properties = reply.properties(delivery.properties.correlation_id().as_ref());
+        let sent = context
+            .replies
+            .send_vouched(reply_to.as_str(), properties, &reply.body, &context.lost)
+            .await;
+        match sent {
+            Ok(()) => {}
+            // The delivery went with its session: nothing to settle.
+            Err(ReplyError::Abandoned) => return,
+            Err(error) => tracing::warn!(
+                reply_to = %Escaped(reply_to.as_str()),
+                "cannot answer on the control queue: {error}"
+            ),
         }
     }
+    settle(context, delivery, Settlement::Ack).await;
 }
 
 /// Tells the broker what became of a delivery. The only place that does.
@@ -540,15 +592,21 @@ pub(crate) async fn answer_unacked(context: &Context, delivery: &Delivery, reply
 /// Fails only when the delivery's channel is gone, and then the broker has
 /// already returned the delivery to its queue: nothing is lost.
 async fn settle(context: &Context, delivery: &Delivery, settlement: Settlement) {
+    // A request set aside is rejected, one given back is nacked: from
+    // RabbitMQ 4.3, `basic.reject` counts as a failed delivery (the quorum
+    // queue's delivery limit counts those) and dead-letters when it does not
+    // requeue, while a `basic.nack` that does not requeue may requeue anyway
+    // ("undeliverable here"), and one that requeues counts nothing.
     let settled = match settlement {
         Settlement::Ack => delivery.ack(BasicAckOptions::default()).await,
-        Settlement::Requeue | Settlement::DeadLetter => {
+        Settlement::Requeue => {
             let options = BasicNackOptions {
-                requeue: settlement == Settlement::Requeue,
+                requeue: true,
                 ..BasicNackOptions::default()
             };
             delivery.nack(options).await
         }
+        Settlement::DeadLetter => delivery.reject(BasicRejectOptions { requeue: false }).await,
     };
     if let Err(error) = settled {
         // The channel is gone (the session is lost, or about to be noticed
@@ -576,7 +634,7 @@ async fn settle(context: &Context, delivery: &Delivery, settlement: Settlement) 
 /// its caller hears so, and it goes to the dead-letter queue for an operator.
 /// The queue's own `x-delivery-limit` catches it anyway if this node dies too.
 fn poison_check(context: &Context, name: &ModuleName, delivery: &Delivery) -> Option<Reply> {
-    let count = delivery_count(delivery);
+    let count = delivery_count(delivery.redelivered, delivery.properties.headers().as_ref());
     if count < u64::from(context.delivery_limit) {
         if count > 0 {
             tracing::warn!(
@@ -598,20 +656,23 @@ fn poison_check(context: &Context, name: &ModuleName, delivery: &Delivery) -> Op
 
 /// How many times the broker delivered this request before, by what the
 /// broker vouches for: a first delivery (not `redelivered`) counts 0
-/// whatever headers its caller sent, and a redelivery counts what the
-/// quorum queue stamped on it (at least 1).
-fn delivery_count(delivery: &Delivery) -> u64 {
-    if !delivery.redelivered {
+/// whatever headers its caller sent; a redelivery counts the most of what
+/// the quorum queue stamps on it (at least 1): RabbitMQ 3.x sets
+/// [`DELIVERY_COUNT_HEADER`] (every return, a dead consumer's included);
+/// 4.x sets [`ACQUIRED_COUNT_HEADER`] (every hand-out) as well, and from 4.3
+/// its delivery count grows only on failures a consumer reports, not when
+/// its connection dies. The broker's values replace the caller's headers of
+/// those names, so taking the most can only count more, never less.
+fn delivery_count(redelivered: bool, headers: Option<&FieldTable>) -> u64 {
+    if !redelivered {
         return 0;
     }
-    header_u64(
-        delivery.properties.headers().as_ref(),
-        DELIVERY_COUNT_HEADER,
-    )
-    .ok()
-    .flatten()
-    .unwrap_or(1)
-    .max(1)
+    [DELIVERY_COUNT_HEADER, ACQUIRED_COUNT_HEADER]
+        .into_iter()
+        .filter_map(|name| header_u64(headers, name).ok().flatten())
+        .max()
+        .unwrap_or(1)
+        .max(1)
 }
 
 /// The earliest of the deadlines the caller set with [`TIMEOUT_HEADER`]
@@ -651,5 +712,144 @@ fn unrouted(routing_key: &str) -> Reply {
             format!("no node serves module {:?}", name.as_str()),
         ),
         Err(invalid) => Reply::error(ErrorKind::BadRequest, invalid.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use amq_protocol::frame::{AMQPContentHeader, AMQPFrame, WriteContext, gen_frame};
+
+    use super::*;
+
+    fn headers(values: &[(&str, AMQPValue)]) -> FieldTable {
+        let mut table = FieldTable::default();
+        for (name, value) in values {
+            table.insert((*name).into(), value.clone());
+        }
+        table
+    }
+
+    #[test]
+    fn a_first_delivery_counts_nothing_the_caller_says() {
+        let forged = headers(&[
+            ("x-delivery-count", AMQPValue::LongLongInt(99)),
+            ("x-acquired-count", AMQPValue::LongLongInt(99)),
+        ]);
+        assert_eq!(delivery_count(false, Some(&forged)), 0);
+        assert_eq!(delivery_count(false, None), 0);
+    }
+
+    #[test]
+    fn a_redelivery_counts_what_rabbitmq_3_stamps() {
+        // 3.x: x-delivery-count on every redelivery, as a long.
+        let stamped = headers(&[("x-delivery-count", AMQPValue::LongLongInt(3))]);
+        assert_eq!(delivery_count(true, Some(&stamped)), 3);
+        // A classic queue stamps nothing: a redelivery counts one.
+        assert_eq!(delivery_count(true, None), 1);
+        assert_eq!(delivery_count(true, Some(&headers(&[]))), 1);
+    }
+
+    #[test]
+    fn a_redelivery_counts_every_hand_out_on_rabbitmq_4() {
+        // 4.3: a node that died (OOM-killed, say) left the delivery count
+        // where it was; the acquired count saw every hand-out.
+        let after_deaths = headers(&[
+            ("x-acquired-count", AMQPValue::LongLongInt(5)),
+            ("x-delivery-count", AMQPValue::LongLongInt(0)),
+        ]);
+        assert_eq!(delivery_count(true, Some(&after_deaths)), 5);
+        let only_acquired = headers(&[("x-acquired-count", AMQPValue::LongLongInt(2))]);
+        assert_eq!(delivery_count(true, Some(&only_acquired)), 2);
+        // Failures reported with basic.reject count in both.
+        let rejected = headers(&[
+            ("x-acquired-count", AMQPValue::LongLongInt(4)),
+            ("x-delivery-count", AMQPValue::LongLongInt(4)),
+        ]);
+        assert_eq!(delivery_count(true, Some(&rejected)), 4);
+    }
+
+    #[test]
+    fn a_caller_cannot_lower_the_count_the_broker_stamps() {
+        // On 3.x a caller's x-acquired-count survives; it cannot hide the
+        // broker's x-delivery-count.
+        let lowered = headers(&[
+            ("x-acquired-count", AMQPValue::LongLongInt(0)),
+            ("x-delivery-count", AMQPValue::LongLongInt(4)),
+        ]);
+        assert_eq!(delivery_count(true, Some(&lowered)), 4);
+        let garbage = headers(&[("x-acquired-count", AMQPValue::LongString("many".into()))]);
+        assert_eq!(delivery_count(true, Some(&garbage)), 1);
+    }
+
+    #[test]
+    fn a_tracestate_within_w3c_limits_is_kept_and_others_dropped() {
+        let span = tracing::Span::none();
+        let keep = |state: &str| trace_state(state.as_bytes(), &span).is_some();
+        assert!(keep("rojo=00f067aa0ba902b7,congo=t61rcWkgMzE"));
+        assert!(keep(&"a".repeat(512)));
+        assert!(!keep(&"a".repeat(513)));
+        assert!(!keep(&"a".repeat(130_850)));
+        assert!(keep(&vec!["k=v"; 32].join(",")));
+        assert!(!keep(&vec!["k=v"; 33].join(",")));
+        assert!(!keep("rojo=1\nERROR forged"));
+    }
+
+    #[test]
+    fn the_largest_reply_properties_fit_the_smallest_frame() {
+        // Every field a reply can carry, each at the most it can be: a
+        // correlation id is a short string (255 bytes), a content type is
+        // checked to 255, a tracestate kept to 512.
+        let parent: TraceParent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+            .parse()
+            .unwrap();
+        let reply = Reply {
+            body: Vec::new(),
+            error: Some(ErrorKind::StackOverflow),
+            version: Some("45c0e103cb52b096".into()),
+            content_type: Some("a".repeat(255)),
+            trace: Some((parent, Some(LongString::from("s".repeat(MAX_TRACESTATE))))),
+        };
+        let correlation_id = ShortString::from("c".repeat(255));
+        let properties = reply
+            .properties(Some(&correlation_id))
+            .with_user_id("u".repeat(255).as_str().into());
+        let frame = AMQPFrame::Header(
+            1,
+            AMQPContentHeader {
+                class_id: 60,
+                body_size: 0,
+                properties,
+            },
+        );
+        let mut buffer = vec![0u8; 1 << 16];
+        let written = gen_frame(&frame)(WriteContext::from(buffer.as_mut_slice()))
+            .unwrap()
+            .position;
+        // AMQP's smallest frame_max: what any broker may negotiate.
+        assert!(written < 4096, "{written} bytes");
+    }
+
+    #[test]
+    fn deadlines_come_from_either_header_and_the_earliest_wins() {
+        let received = Instant::now();
+        assert_eq!(caller_deadline(None, received), Ok(None));
+        let timeout = headers(&[(TIMEOUT_HEADER, AMQPValue::LongUInt(500))]);
+        assert_eq!(
+            caller_deadline(Some(&timeout), received),
+            Ok(Some(received + Duration::from_millis(500)))
+        );
+        let far = unix_time().as_millis() as u64 + 60_000;
+        let both = headers(&[
+            (TIMEOUT_HEADER, AMQPValue::LongString("200".into())),
+            (DEADLINE_HEADER, AMQPValue::LongLongInt(far as i64)),
+        ]);
+        assert_eq!(
+            caller_deadline(Some(&both), received),
+            Ok(Some(received + Duration::from_millis(200)))
+        );
+        let zero = headers(&[(TIMEOUT_HEADER, AMQPValue::LongUInt(0))]);
+        assert!(caller_deadline(Some(&zero), received).is_err());
+        let words = headers(&[(TIMEOUT_HEADER, AMQPValue::LongString("soon".into()))]);
+        assert!(caller_deadline(Some(&words), received).is_err());
     }
 }

@@ -59,19 +59,14 @@ pub const DEFAULT_CONTENT_TYPE: &str = "application/octet-stream";
 /// The `content_type` of error replies: their body is a message for humans.
 pub const ERROR_CONTENT_TYPE: &str = "text/plain; charset=utf-8";
 
-/// Set by quorum queues on every delivery: how many times the request was
-/// delivered before and not acked.
+/// Set by quorum queues on a redelivery: how many times the request was
+/// returned to its queue (RabbitMQ 3.x: any return; from 4.3: a failure a
+/// consumer reported with `basic.reject`, not a consumer that died).
 pub const DELIVERY_COUNT_HEADER: &str = "x-delivery-count";
 
-/// Headers of a deploy or undeploy on the control exchange (its AMQP `type`
-/// is `deploy` or `undeploy`; a deploy's body is the module): the module's
-/// name, its manifest's text, when it was signed (Unix seconds), and the
-/// signer's public key and signature, in hex. See [`crate::deploy`].
-pub const DEPLOY_NAME_HEADER: &str = "x-deploy-name";
-pub const DEPLOY_MANIFEST_HEADER: &str = "x-deploy-manifest";
-pub const DEPLOY_ISSUED_HEADER: &str = "x-deploy-issued-at";
-pub const DEPLOY_KEY_HEADER: &str = "x-deploy-key";
-pub const DEPLOY_SIGNATURE_HEADER: &str = "x-deploy-signature";
+/// Set by quorum queues from RabbitMQ 4.0 on a redelivery: how many times
+/// the request was handed to a consumer before, whatever became of it.
+pub const ACQUIRED_COUNT_HEADER: &str = "x-acquired-count";
 
 /// How long an unroutable request waits for a node to say `not_found`. Past
 /// that its caller has long given up.

@@ -59,6 +59,10 @@ pub(super) async fn run(args: CallArgs, global: &Global) -> Result<(), Failure> 
                 "{error} from module {:?}: is a wasmrpc node running on {brokers}?",
                 args.module,
             )),
+            ClientError::Refused(why) => Failure::Broker(anyhow::anyhow!(
+                "the broker refused the call of module {:?}: {why}",
+                args.module,
+            )),
             error => Failure::Broker(error.into()),
         })?;
     match reply.error {

@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::Args;
 
 use super::{Failure, Global};
-use crate::client::Client;
+use crate::client::{Answer, Client};
 use crate::deploy::{Ack, Action, Order, SecretKey};
 use crate::names::ModuleName;
 use crate::units::parse_duration;
@@ -29,12 +29,15 @@ pub(super) struct KeygenArgs {
 
 /// Put a module on every node that takes deploys, signed with your key.
 ///
-/// Sends the module, its name and its manifest, signed together, to every
-/// node on the exchange. A node started with `--accept-deploys` checks the
-/// signature and that the module compiles, then writes it into its modules
-/// directory (so it serves it, and a restart keeps it) and answers with the
-/// version; nodes without that flag ignore deploys. Prints which nodes took
-/// it and which refused and why.
+/// Sends the module, its name and its manifest, signed together with the
+/// exchange and a new order id, to every node on the exchange. A node
+/// started with `--accept-deploys` checks the signature, that the order is
+/// newer than the last it took for the module, and that the module compiles,
+/// then writes it into its modules directory (so it serves it, and a restart
+/// keeps it) and answers with the version; nodes without that flag ignore
+/// deploys. Prints every answer, with the broker user that sent it (the
+/// broker vouches for it): answers the broker does not vouch for, or from a
+/// user other than `--node-user`, are shown as ignored and do not count.
 ///
 /// Exit codes: 0 every node that answered took it, 1 some refused, 2 bad
 /// usage, 3 no node answered within --wait, 4 broker unreachable.
@@ -81,6 +84,11 @@ struct Signing {
     /// How long to wait for the nodes' answers (they compile the module first).
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     wait: Duration,
+
+    /// The broker user(s) your nodes log in as: answers sent by any other
+    /// user are ignored [default: count every answer the broker vouches for].
+    #[arg(long, env = "WASMRPC_NODE_USER", value_delimiter = ',')]
+    node_user: Vec<String>,
 }
 
 pub(super) fn keygen(args: KeygenArgs) -> Result<(), Failure> {
@@ -134,12 +142,13 @@ pub(super) async fn deploy(args: DeployArgs, global: &Global) -> Result<(), Fail
         })?),
         None => None,
     };
-    let order = Order::new(Action::Deploy, name, module, manifest);
+    let order = Order::new(Action::Deploy, &global.exchange, name, module, manifest);
     send(order, args.signing, global).await
 }
 
 pub(super) async fn undeploy(args: UndeployArgs, global: &Global) -> Result<(), Failure> {
-    let order = Order::new(Action::Undeploy, parse_name(&args.name)?, Vec::new(), None);
+    let name = parse_name(&args.name)?;
+    let order = Order::new(Action::Undeploy, &global.exchange, name, Vec::new(), None);
     send(order, args.signing, global).await
 }
 
@@ -155,41 +164,154 @@ async fn send(order: Order, signing: Signing, global: &Global) -> Result<(), Fai
     let client = Client::connect(&brokers, &global.exchange)
         .await
         .map_err(Failure::Broker)?;
-    let acks = client
+    let answers = client
         .order(&order, &signed, signing.wait)
         .await
         .map_err(|error| Failure::Broker(error.into()))?;
-    print!("{}", table(&acks));
+    let verdicts: Vec<Verdict> = answers
+        .iter()
+        .map(|answer| judge(answer, &order, &signing.node_user))
+        .collect();
+    print!("{}", table(&answers, &verdicts));
     let action = order.action.as_str();
-    if acks.is_empty() {
+    let counted = verdicts
+        .iter()
+        .filter(|verdict| !matches!(verdict, Verdict::Ignored(_)))
+        .count();
+    if counted == 0 {
+        let ignored = match answers.len() {
+            0 => String::new(),
+            n => format!(" ({n} answers ignored)"),
+        };
         return Err(Failure::Timeout(anyhow::anyhow!(
-            "no node that takes deploys answered within {:.1} s on exchange {:?}",
+            "no node that takes deploys answered within {:.1} s on exchange {:?}{ignored}",
             signing.wait.as_secs_f64(),
             global.exchange
         )));
     }
-    let refused = acks.iter().filter(|ack| !ack.accepted).count();
+    let refused = verdicts
+        .iter()
+        .filter(|verdict| matches!(verdict, Verdict::Refused))
+        .count();
     if refused > 0 {
         return Err(Failure::Failed(anyhow::anyhow!(
-            "{refused} of {} nodes refused the {action} of {}",
-            acks.len(),
+            "{refused} of {counted} nodes refused the {action} of {}",
             order.name
         )));
     }
     Ok(())
 }
 
-fn table(acks: &[Ack]) -> String {
-    let rows = acks.iter().map(|ack| {
+/// What an answer counts for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Verdict {
+    Took,
+    Refused,
+    /// Not counted, and why: it is not vouched for, or not about this order.
+    Ignored(String),
+}
+
+/// Whether an answer counts: the broker vouches for its sender (one of
+/// `node_users`, if given), it answers this very order, and a deploy taken
+/// names the version this module is.
+fn judge(answer: &Answer<Ack>, order: &Order, node_users: &[String]) -> Verdict {
+    let ack = &answer.value;
+    match &answer.user {
+        None => return Verdict::Ignored("not vouched for by the broker (no user_id)".into()),
+        Some(user) if !node_users.is_empty() && !node_users.contains(user) => {
+            return Verdict::Ignored(format!("sent by broker user {user:?}, not a node user"));
+        }
+        Some(_) => {}
+    }
+    if ack.order != order.stamp.order {
+        return Verdict::Ignored("answers another order".into());
+    }
+    if !ack.accepted {
+        return Verdict::Refused;
+    }
+    let version = order.version();
+    match (order.action, &ack.version) {
+        (Action::Deploy, Some(claimed)) if *claimed != version => Verdict::Ignored(format!(
+            "claims version {claimed}, but the module is {version}"
+        )),
+        _ => Verdict::Took,
+    }
+}
+
+fn table(answers: &[Answer<Ack>], verdicts: &[Verdict]) -> String {
+    let rows = answers.iter().zip(verdicts).map(|(answer, verdict)| {
+        let ack = &answer.value;
+        let (result, detail) = match verdict {
+            Verdict::Took => ("took it", ack.version.clone().unwrap_or_default()),
+            Verdict::Refused => ("refused", ack.reason.clone().unwrap_or_default()),
+            Verdict::Ignored(why) => ("ignored", why.clone()),
+        };
         vec![
             ack.node.clone(),
             ack.host.clone(),
-            if ack.accepted { "took it" } else { "refused" }.to_owned(),
-            ack.reason
-                .clone()
-                .or_else(|| ack.version.clone())
-                .unwrap_or_default(),
+            answer.user.clone().unwrap_or_else(|| "?".into()),
+            result.to_owned(),
+            detail,
         ]
     });
-    super::fleet::table(&["NODE", "HOST", "RESULT", "VERSION OR REASON"], rows)
+    super::fleet::table(
+        &["NODE", "HOST", "USER", "RESULT", "VERSION OR REASON"],
+        rows,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(order: &Order, user: Option<&str>, accepted: bool) -> Answer<Ack> {
+        Answer {
+            value: Ack {
+                node: "n".into(),
+                host: "h".into(),
+                order: order.stamp.order.clone(),
+                accepted,
+                version: accepted.then(|| order.version()),
+                reason: (!accepted).then(|| "no".into()),
+            },
+            user: user.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn only_answers_the_broker_vouches_for_about_this_order_count() {
+        let order = Order::new(
+            Action::Deploy,
+            "fleet",
+            "fib".parse().unwrap(),
+            b"\0asm".to_vec(),
+            None,
+        );
+        let nodes = ["wasmrpc-node".to_owned()];
+        let good = answer(&order, Some("wasmrpc-node"), true);
+        assert_eq!(judge(&good, &order, &nodes), Verdict::Took);
+        assert_eq!(judge(&good, &order, &[]), Verdict::Took);
+        let refused = answer(&order, Some("wasmrpc-node"), false);
+        assert_eq!(judge(&refused, &order, &nodes), Verdict::Refused);
+
+        let unvouched = answer(&order, None, true);
+        assert!(matches!(
+            judge(&unvouched, &order, &[]),
+            Verdict::Ignored(_)
+        ));
+        let stranger = answer(&order, Some("alice"), true);
+        assert!(matches!(
+            judge(&stranger, &order, &nodes),
+            Verdict::Ignored(_)
+        ));
+        let mut elsewhere = good.clone();
+        elsewhere.value.order = "0".repeat(32);
+        assert!(matches!(
+            judge(&elsewhere, &order, &nodes),
+            Verdict::Ignored(_)
+        ));
+        let mut wrong = good.clone();
+        wrong.value.version = Some("0000000000000000".into());
+        assert!(matches!(judge(&wrong, &order, &nodes), Verdict::Ignored(_)));
+    }
 }

@@ -15,6 +15,7 @@ mod deploy;
 mod fleet;
 mod health;
 mod new;
+mod permissions;
 mod run;
 mod serve;
 
@@ -108,6 +109,7 @@ enum Command {
     Keygen(deploy::KeygenArgs),
     Deploy(deploy::DeployArgs),
     Undeploy(deploy::UndeployArgs),
+    BrokerPermissions(permissions::PermissionsArgs),
     Completions(completions::CompletionsArgs),
 }
 
@@ -188,6 +190,7 @@ fn dispatch(command: Command, global: &Global) -> Result<(), Failure> {
         Command::Keygen(args) => deploy::keygen(args),
         Command::Deploy(args) => block_on(deploy::deploy(args, global)),
         Command::Undeploy(args) => block_on(deploy::undeploy(args, global)),
+        Command::BrokerPermissions(args) => permissions::run(args, global),
         Command::Completions(args) => completions::run(args),
     }
 }

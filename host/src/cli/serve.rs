@@ -171,6 +171,7 @@ fn default_cache_dir() -> Option<PathBuf> {
 
 pub(super) fn run(args: ServeArgs, global: &Global) -> Result<(), Failure> {
     return_large_buffers_to_the_kernel();
+    survive_the_file_size_limit();
     let http = args.http;
     let config = config(args, global)?;
     // Guests compute on at most `concurrency` workers; one more keeps the
@@ -247,5 +248,17 @@ fn return_large_buffers_to_the_kernel() {
     // other thread exists.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 10);
+    }
+}
+
+/// A write past the process's file size limit (`ulimit -f`) ends the process
+/// with SIGXFSZ unless that signal is ignored; ignored, the write fails with
+/// "File too large", and the node refuses that deploy, or keeps that module
+/// out of its cache, and serves on.
+fn survive_the_file_size_limit() {
+    // SAFETY: ignoring a signal changes no memory; it runs before any other
+    // thread exists.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
     }
 }

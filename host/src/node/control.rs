@@ -1,23 +1,30 @@
 //! Answers on the control exchange: who this node is and what it serves
-//! (`wasmrpc ping`, `wasmrpc modules`), and deploys (`wasmrpc deploy`,
+//! (`wasmrpc ping`, `wasmrpc modules`), and deploy orders (`wasmrpc deploy`,
 //! `undeploy`) for a node that takes them.
+//!
+//! The control queue is consumed with acks and a small prefetch of its own
+//! ([`PREFETCH`]): a node holds at most that many control messages, so a
+//! flood of large orders costs it that many bodies in memory, and orders are
+//! taken one at a time (see `deploys`). Each message is acked once answered.
 
 use std::sync::Arc;
 
 use lapin::message::Delivery;
 
 use super::Shared;
-use crate::amqp::header_str;
-use crate::deploy::{Ack, Action};
+use crate::deploy::{self, Ack, Action};
+use crate::logging::Escaped;
 use crate::request::{self, Context, Reply};
-use crate::wire::{DEPLOY_NAME_HEADER, ModuleStatus, NodeStatus};
+use crate::wire::{ModuleStatus, NodeStatus};
 
-/// Control requests are consumed without acks: an answer that does not go
-/// out (the broker refused it, or the session was lost) only means this node
-/// looks absent for one `wasmrpc ping`.
-pub(super) async fn answer(shared: Arc<Shared>, context: Arc<Context>, delivery: Delivery) {
+/// Control messages a node holds unacked at once: fleet questions are
+/// answered at once, orders wait for their turn.
+pub(super) const PREFETCH: u16 = 2;
+
+pub(super) async fn answer(shared: Arc<Shared>, context: Arc<Context>, mut delivery: Delivery) {
     if delivery.properties.reply_to().is_none() {
-        tracing::debug!("ignoring a control request without reply_to");
+        tracing::debug!("ignoring a control message without reply_to");
+        request::answer_control(&context, &delivery, None).await;
         return;
     }
     let action = delivery
@@ -30,16 +37,22 @@ pub(super) async fn answer(shared: Arc<Shared>, context: Arc<Context>, delivery:
         Some(action) => {
             let Some(deploys) = &shared.deploys else {
                 tracing::debug!("ignoring a {}: this node takes no deploys", action.as_str());
+                request::answer_control(&context, &delivery, None).await;
                 return;
             };
-            let module = header_str(delivery.properties.headers().as_ref(), DEPLOY_NAME_HEADER)
+            let module = deploy::named_in(&delivery.properties)
                 .unwrap_or("?")
                 .to_owned();
-            let outcome = deploys.take(action, &delivery).await;
+            let order = deploy::order_in(&delivery.properties)
+                .unwrap_or_default()
+                .to_owned();
+            let body = std::mem::take(&mut delivery.data);
+            let outcome = deploys.take(action, &delivery.properties, body).await;
             let ack = match outcome {
                 Ok(version) => {
                     tracing::info!(
-                        %module,
+                        module = %Escaped(&module),
+                        order = %Escaped(&order),
                         version,
                         "took a signed {}",
                         action.as_str()
@@ -47,6 +60,7 @@ pub(super) async fn answer(shared: Arc<Shared>, context: Arc<Context>, delivery:
                     Ack {
                         node: shared.id.clone(),
                         host: shared.host.clone(),
+                        order,
                         accepted: true,
                         version,
                         reason: None,
@@ -54,13 +68,15 @@ pub(super) async fn answer(shared: Arc<Shared>, context: Arc<Context>, delivery:
                 }
                 Err(refusal) => {
                     tracing::warn!(
-                        %module,
+                        module = %Escaped(&module),
+                        order = %Escaped(&order),
                         "refused a {}: {refusal}",
                         action.as_str()
                     );
                     Ack {
                         node: shared.id.clone(),
                         host: shared.host.clone(),
+                        order,
                         accepted: false,
                         version: None,
                         reason: Some(refusal.to_string()),
@@ -70,7 +86,7 @@ pub(super) async fn answer(shared: Arc<Shared>, context: Arc<Context>, delivery:
             serde_json::to_vec(&ack).expect("an ack is always JSON")
         }
     };
-    request::answer_unacked(&context, &delivery, Reply::json(body)).await;
+    request::answer_control(&context, &delivery, Some(Reply::json(body))).await;
 }
 
 fn status(shared: &Shared) -> NodeStatus {

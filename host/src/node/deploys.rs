@@ -1,151 +1,290 @@
-//! Deploys over the broker: a node started with `--accept-deploys` takes a
-//! module signed by a key it trusts, checks that it compiles, and writes it
-//! into its modules directory, where the watcher and the loader serve it
-//! like any file an operator dropped there (and a restart keeps it).
+//! Deploys over the broker: a node started with `--accept-deploys` takes an
+//! order signed by a key it trusts, checks that the module compiles, and
+//! writes it into its modules directory, where the watcher and the loader
+//! serve it like any file an operator dropped there (and a restart keeps it).
 //!
-//! A refused deploy (untrusted or bad signature, stale, too large, not a
-//! module, an invalid manifest) is logged, answered with the reason, and
-//! never touches the directory. Files are written aside and renamed, the
-//! manifest first, so the loader never reads half of either.
+//! An order is refused, before it costs anything, when it is too large, for
+//! another fleet, out of its time (see [`crate::deploy`]), or not newer than
+//! the last order this node took for the module: each node keeps that last
+//! order in `.deploys/NAME.json` in its modules directory, so a replayed
+//! order can neither roll a module back nor remove it again, even across
+//! restarts, and an order seen twice is taken once. Only then is the
+//! signature checked (which hashes the module) and the module compiled, one
+//! order at a time and off the async workers.
+//!
+//! A refused order is logged, answered with the reason, and changes nothing.
+//! A taken one changes the record, the manifest and the module together, in
+//! one [`Transaction`]: if any write fails, all three are as they were.
 
+use std::collections::VecDeque;
+use std::os::unix::fs::DirBuilderExt as _;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
-use lapin::message::Delivery;
-use lapin::types::AMQPValue;
+use lapin::BasicProperties;
+use serde::{Deserialize, Serialize};
 
-use crate::amqp::{header_str, header_u64};
-use crate::deploy::{Action, Order, Refusal, Signed, TrustedKeys};
+use crate::deploy::{self, Action, Order, Refusal, Stamp, TrustedKeys};
+use crate::files::Transaction;
 use crate::manifest::Manifest;
 use crate::names::ModuleName;
+use crate::registry;
 use crate::runtime::{Limits, Runtime, Wasm};
 use crate::units::Bytes;
-use crate::wire::{
-    DEPLOY_ISSUED_HEADER, DEPLOY_KEY_HEADER, DEPLOY_MANIFEST_HEADER, DEPLOY_NAME_HEADER,
-    DEPLOY_SIGNATURE_HEADER,
-};
+
+/// Where a node keeps, per module, the last order it took, inside its
+/// modules directory (the loader ignores names that start with a dot).
+pub(crate) const RECORDS_DIR: &str = ".deploys";
+
+/// How many verified orders a node remembers by id, to refuse a replay of
+/// one it refused (a taken one is in its module's record anyway).
+const SEEN: usize = 256;
 
 /// What a node that accepts deploys needs to take one.
 pub(crate) struct Deploys {
     pub trusted: TrustedKeys,
     pub dir: PathBuf,
+    /// The fleet this node belongs to: orders for another are refused.
+    pub exchange: String,
     pub runtime: Runtime,
     /// The node's limits, which a deployed manifest changes as a file's would.
     pub limits: Limits,
+    /// No module's reply limit is above it.
+    pub max_reply: usize,
     /// The largest module taken.
     pub max_size: usize,
-    /// One deploy at a time: two for one name must not interleave their files.
-    pub writing: tokio::sync::Mutex<()>,
+    /// Held by the loader while it reads a module's files, and here while
+    /// they change: the loader never reads half a deploy.
+    pub directory: Arc<tokio::sync::Mutex<()>>,
+    /// One order at a time, in the order they came: no two compiles at once,
+    /// and each order checked against the record the one before left.
+    pub turn: tokio::sync::Mutex<()>,
+    /// The ids of the orders verified lately.
+    pub seen: Mutex<VecDeque<String>>,
 }
 
-/// What a deploy came to: the version written, or why not.
-pub(crate) type Outcome = Result<Option<String>, Refusal>;
+/// What an order came to: the version now served (for a deploy), or why not.
+pub(crate) type Taken = Result<Option<String>, Refusal>;
+
+/// The last order a node took for a module, as its record file holds it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct Record {
+    #[serde(flatten)]
+    stamp: Stamp,
+    action: Action,
+    /// The version deployed; none for an undeploy.
+    version: Option<String>,
+}
 
 impl Deploys {
-    pub async fn take(&self, action: Action, delivery: &Delivery) -> Outcome {
-        let order = self.read(action, delivery)?;
+    /// Takes the order in a control message of type `action`, or says why not.
+    pub async fn take(&self, action: Action, properties: &BasicProperties, body: Vec<u8>) -> Taken {
+        // Before anything else: a message of any size is already in memory,
+        // but it costs nothing more.
+        if body.len() > self.max_size {
+            return Err(Refusal::Invalid(format!(
+                "a module of {} is over this node's deploy limit of {}",
+                Bytes(body.len() as u64),
+                Bytes(self.max_size as u64)
+            )));
+        }
+        let (order, signed) = Order::from_message(action, properties, body)?;
+        order.check_placed(&self.exchange, deploy::now_ms())?;
+        let _turn = self.turn.lock().await;
+        self.check_newer(&order)?;
+        // Hashing a module of tens of MiB takes a while: off the workers.
+        let trusted = self.trusted.clone();
+        let order =
+            tokio::task::spawn_blocking(move || order.verify(&signed, &trusted).map(|()| order))
+                .await
+                .map_err(|_| {
+                    Refusal::Invalid("the thread checking the signature panicked".into())
+                })??;
+        self.remember(&order.stamp.order);
         match action {
             Action::Deploy => self.deploy(order).await.map(Some),
-            Action::Undeploy => self.undeploy(&order.name).await.map(|()| None),
+            Action::Undeploy => self.undeploy(order).await.map(|()| None),
         }
     }
 
-    /// The order in the message, checked: signed by a trusted key, recently.
-    fn read(&self, action: Action, delivery: &Delivery) -> Result<Order, Refusal> {
-        let headers = delivery.properties.headers().as_ref();
-        let invalid = |why: String| Refusal::Invalid(why);
-        let name: ModuleName = header_str(headers, DEPLOY_NAME_HEADER)
-            .ok_or_else(|| invalid(format!("no {DEPLOY_NAME_HEADER} header")))?
-            .parse()
-            .map_err(|error| invalid(format!("{error}")))?;
-        let issued_at = header_u64(headers, DEPLOY_ISSUED_HEADER)
-            .map_err(invalid)?
-            .ok_or_else(|| invalid(format!("no {DEPLOY_ISSUED_HEADER} header")))?;
-        let manifest = match headers.and_then(|h| h.inner().get(DEPLOY_MANIFEST_HEADER)) {
-            None => None,
-            Some(AMQPValue::LongString(text)) => Some(
-                String::from_utf8(text.as_bytes().to_vec())
-                    .map_err(|_| invalid("the manifest is not UTF-8".into()))?,
-            ),
-            Some(_) => return Err(invalid("the manifest header is not a string".into())),
+    /// Refuses an order seen before, or older than the last one taken for
+    /// its module.
+    fn check_newer(&self, order: &Order) -> Result<(), Refusal> {
+        if let Some(taken) = self.record(&order.name)? {
+            if taken.stamp == order.stamp {
+                return Err(Refusal::Replayed(order.stamp.clone()));
+            }
+            if order.stamp < taken.stamp {
+                return Err(Refusal::NotNewer {
+                    this: order.stamp.clone(),
+                    newest: taken.stamp,
+                });
+            }
+        }
+        // One refused once (it did not compile, say) is refused again.
+        if self
+            .seen
+            .lock()
+            .expect("deploys lock")
+            .contains(&order.stamp.order)
+        {
+            return Err(Refusal::Replayed(order.stamp.clone()));
+        }
+        Ok(())
+    }
+
+    fn remember(&self, order: &str) {
+        let mut seen = self.seen.lock().expect("deploys lock");
+        if seen.len() == SEEN {
+            seen.pop_front();
+        }
+        seen.push_back(order.to_owned());
+    }
+
+    fn record_path(&self, name: &ModuleName) -> PathBuf {
+        self.dir.join(RECORDS_DIR).join(format!("{name}.json"))
+    }
+
+    /// The last order taken for `name`, if any.
+    fn record(&self, name: &ModuleName) -> Result<Option<Record>, Refusal> {
+        let path = self.record_path(name);
+        let unreadable = |why: String| {
+            Refusal::Invalid(format!(
+                "this node cannot read its record of the orders it took for {name} ({}): {why}; \
+                 an operator must repair or delete it",
+                path.display()
+            ))
         };
-        let signed = header_str(headers, DEPLOY_KEY_HEADER)
-            .zip(header_str(headers, DEPLOY_SIGNATURE_HEADER))
-            .and_then(|(key, signature)| Signed::parse(key, signature))
-            .ok_or(Refusal::Unsigned)?;
-        let order = Order {
-            action,
-            name,
-            module: delivery.data.clone(),
-            manifest,
-            issued_at,
-        };
-        order.verify(&signed, &self.trusted)?;
-        Ok(order)
+        match std::fs::read(&path) {
+            Ok(text) => serde_json::from_slice(&text)
+                .map(Some)
+                .map_err(|error| unreadable(error.to_string())),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(error) => Err(unreadable(error.to_string())),
+        }
     }
 
     async fn deploy(&self, order: Order) -> Result<String, Refusal> {
         let invalid = Refusal::Invalid;
-        if order.module.len() > self.max_size {
-            return Err(invalid(format!(
-                "a module of {} is over this node's deploy limit of {}",
-                Bytes(order.module.len() as u64),
-                Bytes(self.max_size as u64)
-            )));
-        }
-        let limits = match &order.manifest {
+        let manifest = match &order.manifest {
             Some(text) => toml::from_str::<Manifest>(text)
-                .map_err(|error| invalid(format!("invalid manifest: {}", error.message())))?
-                .limits
-                .apply_to(&self.limits)
-                .map_err(|error| invalid(format!("invalid manifest: {error}")))?,
-            None => self.limits.clone(),
+                .map_err(|error| invalid(format!("invalid manifest: {}", error.message())))?,
+            None => Manifest::default(),
         };
+        let limits = registry::limits_of(&manifest, &self.limits, self.max_reply, &order.name)
+            .map_err(|error| invalid(format!("invalid manifest: {error}")))?;
         // Compiled here first: a broken module never reaches the directory,
         // and the version served keeps serving.
-        let wasm = Wasm::new(order.module.clone());
-        let version = wasm.digest()[..16].to_owned();
         let runtime = self.runtime.clone();
-        tokio::task::spawn_blocking(move || runtime.compile(&wasm, &limits))
-            .await
-            .map_err(|_| invalid("the compiler thread panicked".into()))?
+        let (order, version) = tokio::task::spawn_blocking(move || {
+            let wasm = Wasm::new(order.module);
+            let compiled = runtime.compile(&wasm, &limits);
+            let version = wasm.digest()[..16].to_owned();
+            (
+                Order {
+                    module: wasm.into_bytes(),
+                    ..order
+                },
+                compiled.map(|_| version),
+            )
+        })
+        .await
+        .map_err(|_| invalid("the compiler thread panicked".into()))?;
+        let version = version
             .map_err(|error| invalid(format!("not a module this node can serve: {error:#}")))?;
 
-        let _writing = self.writing.lock().await;
-        let name = order.name.as_str();
-        let manifest = self.dir.join(format!("{name}.toml"));
-        match &order.manifest {
-            Some(text) => write_aside(&manifest, text.as_bytes()),
-            None => remove(&manifest),
-        }
-        .and_then(|()| write_aside(&self.dir.join(format!("{name}.wasm")), &order.module))
+        let record = Record {
+            stamp: order.stamp.clone(),
+            action: Action::Deploy,
+            version: Some(version.clone()),
+        };
+        let (dir, name) = (self.dir.clone(), order.name.clone());
+        let record_path = self.record_path(&name);
+        self.commit(move || {
+            let mut transaction = Transaction::default();
+            stage_record(&mut transaction, &record_path, &record)?;
+            let manifest = dir.join(format!("{name}.toml"));
+            match &order.manifest {
+                Some(text) => transaction.write(&manifest, text.as_bytes(), 0o644)?,
+                None => transaction.remove(&manifest),
+            }
+            transaction.write(&dir.join(format!("{name}.wasm")), &order.module, 0o644)?;
+            transaction.commit()
+        })
+        .await
         .map_err(|error| invalid(format!("failed to write the module: {error}")))?;
         Ok(version)
     }
 
-    async fn undeploy(&self, name: &ModuleName) -> Result<(), Refusal> {
-        let _writing = self.writing.lock().await;
-        // The module first: without it, a manifest serves nothing.
-        remove(&self.dir.join(format!("{name}.wasm")))
-            .and_then(|()| remove(&self.dir.join(format!("{name}.toml"))))
-            .map_err(|error| Refusal::Invalid(format!("failed to remove the module: {error}")))
+    async fn undeploy(&self, order: Order) -> Result<(), Refusal> {
+        let record = Record {
+            stamp: order.stamp.clone(),
+            action: Action::Undeploy,
+            version: None,
+        };
+        let (dir, name) = (self.dir.clone(), order.name.clone());
+        let record_path = self.record_path(&name);
+        self.commit(move || {
+            let mut transaction = Transaction::default();
+            stage_record(&mut transaction, &record_path, &record)?;
+            // The module first: without it, a manifest serves nothing.
+            transaction.remove(&dir.join(format!("{name}.wasm")));
+            transaction.remove(&dir.join(format!("{name}.toml")));
+            transaction.commit()
+        })
+        .await
+        .map_err(|error| Refusal::Invalid(format!("failed to remove the module: {error}")))
+    }
+
+    /// Runs `change` off the async workers while the loader cannot read
+    /// the modules directory.
+    async fn commit(
+        &self,
+        change: impl FnOnce() -> std::io::Result<()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let _directory = self.directory.lock().await;
+        tokio::task::spawn_blocking(change)
+            .await
+            .unwrap_or_else(|_| Err(std::io::Error::other("the writing thread panicked")))
     }
 }
 
-/// Writes `path` whole or not at all: aside under a name the loader
-/// ignores, then renamed into place.
-fn write_aside(path: &Path, contents: &[u8]) -> std::io::Result<()> {
-    let file_name = path.file_name().unwrap_or_default().to_string_lossy();
-    let partial = path.with_file_name(format!(".{file_name}.deploy.partial"));
-    std::fs::write(&partial, contents)
-        .and_then(|()| std::fs::rename(&partial, path))
-        .inspect_err(|_| {
-            let _ = std::fs::remove_file(&partial);
-        })
+/// Adds the record of an order taken to `transaction`, making the records'
+/// directory first if need be.
+fn stage_record(
+    transaction: &mut Transaction,
+    path: &Path,
+    record: &Record,
+) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
+    }
+    let text = serde_json::to_vec(record).expect("a record is always JSON");
+    transaction.write(path, &text, 0o600)
 }
 
-fn remove(path: &Path) -> std::io::Result<()> {
-    match std::fs::remove_file(path) {
-        Err(error) if error.kind() != std::io::ErrorKind::NotFound => Err(error),
-        _ => Ok(()),
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_record_reads_back_as_written() {
+        let record = Record {
+            stamp: Stamp {
+                issued_ms: 1_764_590_000_123,
+                order: "0123456789abcdef0123456789abcdef".into(),
+            },
+            action: Action::Deploy,
+            version: Some("45c0e103cb52b096".into()),
+        };
+        let text = serde_json::to_string(&record).unwrap();
+        assert_eq!(
+            text,
+            r#"{"issued_ms":1764590000123,"order":"0123456789abcdef0123456789abcdef","action":"deploy","version":"45c0e103cb52b096"}"#
+        );
+        assert_eq!(serde_json::from_str::<Record>(&text).unwrap(), record);
     }
 }

@@ -209,23 +209,27 @@ impl Node {
         // Watch before the first scan, so nothing that changes during it is missed.
         let (watcher, changes) = watch::watch(&config.modules_dir)?;
         let registry = Arc::new(Registry::default());
-        let deploys = config.accept_deploys.take().map(|trusted| {
-            Arc::new(deploys::Deploys {
-                trusted,
-                dir: config.modules_dir.clone(),
-                runtime: runtime.clone(),
-                limits: config.limits.clone(),
-                max_size: config.deploy_limit,
-                writing: tokio::sync::Mutex::new(()),
-            })
-        });
         let loader = Arc::new(Loader::new(
-            runtime,
+            runtime.clone(),
             &config.modules_dir,
             config.limits.clone(),
             config.max_message,
             registry.clone(),
         ));
+        let deploys = config.accept_deploys.take().map(|trusted| {
+            Arc::new(deploys::Deploys {
+                trusted,
+                dir: config.modules_dir.clone(),
+                exchange: config.exchange.clone(),
+                runtime,
+                limits: config.limits.clone(),
+                max_reply: config.max_message,
+                max_size: config.deploy_limit,
+                directory: loader.directory(),
+                turn: tokio::sync::Mutex::new(()),
+                seen: Mutex::default(),
+            })
+        });
         loader.load_all().await?;
         if registry.names().is_empty() {
             tracing::warn!(

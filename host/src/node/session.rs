@@ -105,6 +105,8 @@ pub(super) struct Session {
     shared: Arc<Shared>,
     connection: Arc<Connection>,
     consume: Channel,
+    /// The control queue's channel, with a prefetch of its own.
+    control: Channel,
     deliveries: StreamMap<Source, Deliveries>,
     subscriptions: Subscriptions,
     /// What this session's request tasks get.
@@ -198,11 +200,21 @@ impl Session {
                 .consume(&consume, &unrouted, "unrouted", false)
                 .await?,
         );
-        let control = amqp::declare_control_queue(&consume, topology).await?;
+        // Its own channel: the control queue's prefetch is small (a deploy
+        // order may be tens of MiB), the modules' is not.
+        let control = connection
+            .create_channel()
+            .await
+            .context("failed to open a channel")?;
+        control
+            .basic_qos(control::PREFETCH, BasicQosOptions::default())
+            .await
+            .context("failed to set the control queue's prefetch")?;
+        let control_queue = amqp::declare_control_queue(&control, topology).await?;
         deliveries.insert(
             Source::Control,
             subscriptions
-                .consume(&consume, &control, "control", true)
+                .consume(&control, &control_queue, "control", false)
                 .await?,
         );
         for name in shared.registry.names() {
@@ -226,6 +238,7 @@ impl Session {
             shared: shared.clone(),
             connection: connection.clone(),
             consume,
+            control,
             deliveries,
             subscriptions,
             context,
@@ -286,8 +299,9 @@ impl Session {
         self.shared.stopping.cancel();
         tasks.close();
         tasks.wait().await;
-        // Closing the channel returns anything prefetched but never handled.
+        // Closing the channels returns anything prefetched but never handled.
         let _ = self.consume.close(200, "node shutting down".into()).await;
+        let _ = self.control.close(200, "node shutting down".into()).await;
         let _ = self
             .connection
             .close(200, "node shutting down".into())

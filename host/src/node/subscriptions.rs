@@ -44,8 +44,8 @@ pub(super) struct Subscriptions {
     /// Consumer tags must be unique on a channel, also across resubscriptions.
     next_tag: u64,
     modules: HashMap<ModuleName, State>,
-    /// The unrouted and control subscriptions.
-    others: Vec<String>,
+    /// The unrouted and control subscriptions, with their channels.
+    others: Vec<(Channel, String)>,
 }
 
 impl Subscriptions {
@@ -70,7 +70,7 @@ impl Subscriptions {
     ) -> anyhow::Result<Deliveries> {
         let tag = self.tag(label);
         let deliveries = start_consuming(channel, queue, &tag, no_ack).await?;
-        self.others.push(tag);
+        self.others.push((channel.clone(), tag));
         Ok(deliveries)
     }
 
@@ -162,11 +162,11 @@ impl Subscriptions {
     /// Cancels every subscription, for shutdown.
     pub async fn cancel_all(&mut self, consume: &Channel) {
         let modules = self.modules.drain().filter_map(|(_, state)| match state {
-            State::Active { tag } => Some(tag),
+            State::Active { tag } => Some((consume.clone(), tag)),
             State::Cancelling { .. } => None,
         });
-        for tag in modules.chain(self.others.drain(..)).collect::<Vec<_>>() {
-            if let Err(error) = consume
+        for (channel, tag) in modules.chain(self.others.drain(..)).collect::<Vec<_>>() {
+            if let Err(error) = channel
                 .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
                 .await
             {

@@ -12,13 +12,20 @@
 //! checks are ever loaded: artifacts compiled by a node holding the key. Any
 //! other file is ignored, and overwritten by the next compile.
 //!
+//! The tag is only as good as the key's secrecy, so the cache is used only
+//! when its directory belongs to the node's user and no other user can write
+//! to it, and its key belongs to that user and no other can read or write it
+//! (as ssh treats its keys): otherwise someone else could have planted a key,
+//! and code tagged with it. [`ArtifactCache::open`] refuses such a cache and
+//! says how to fix it.
+//!
 //! The cache holds at most its size cap: each module replaced leaves its old
 //! entry behind, so after every store the entries used least recently (by
 //! modification time, which a load refreshes) are deleted until the rest
 //! fit. The entry just stored is always kept.
 
 use std::fs;
-use std::io::Write as _;
+use std::io::Read as _;
 use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
@@ -27,6 +34,7 @@ use anyhow::Context as _;
 use hmac::{Hmac, Mac as _};
 use sha2::Sha256;
 
+use crate::files::{self, Private};
 use crate::units::Bytes;
 
 /// The cache's key, inside its directory.
@@ -48,13 +56,16 @@ pub struct ArtifactCache {
 
 impl ArtifactCache {
     /// Opens the cache in `dir`, creating the directory and its key if
-    /// needed, and trims it to `cap` bytes.
+    /// needed, and trims it to `cap` bytes. Refuses a directory or key that
+    /// another user could have written (see the module's documentation).
     pub fn open(dir: &Path, cap: u64) -> anyhow::Result<ArtifactCache> {
         fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(dir)
             .with_context(|| format!("failed to create the cache directory {}", dir.display()))?;
+        files::check_private(dir, Private::Directory)
+            .map_err(|why| anyhow::anyhow!("refusing the compile cache: {why}"))?;
         let key = read_or_create_key(&dir.join(KEY_FILE))?;
         let cache = ArtifactCache {
             dir: dir.to_owned(),
@@ -90,18 +101,8 @@ impl ArtifactCache {
     /// so it is logged, not returned.
     pub fn store(&self, name: &str, artifact: &[u8]) {
         let tag = self.mac(name, artifact).finalize().into_bytes();
-        // Written aside, then renamed: a reader sees a whole entry or none.
-        let partial = self
-            .dir
-            .join(format!(".{name}.{}.partial", std::process::id()));
-        let written = fs::File::create(&partial)
-            .and_then(|mut file| {
-                file.write_all(&tag)?;
-                file.write_all(artifact)
-            })
-            .and_then(|()| fs::rename(&partial, self.path(name)));
-        if let Err(error) = written {
-            let _ = fs::remove_file(&partial);
+        let entry = [tag.as_slice(), artifact].concat();
+        if let Err(error) = files::write_atomic(&self.path(name), &entry, 0o600) {
             tracing::warn!(dir = %self.dir.display(), "failed to cache a compiled module: {error}");
             return;
         }
@@ -180,32 +181,23 @@ impl ArtifactCache {
 }
 
 fn read_or_create_key(path: &Path) -> anyhow::Result<[u8; 32]> {
-    if !path.exists() {
-        let mut key = [0u8; 32];
-        getrandom::fill(&mut key)
-            .map_err(|error| anyhow::anyhow!("no randomness for the cache key: {error}"))?;
-        // Made aside, then linked into place: two nodes starting at once
-        // agree on one key, and nobody reads a half-written one.
-        let partial = path.with_extension(format!("{}.partial", std::process::id()));
-        fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&partial)
-            .and_then(|mut file| file.write_all(&key))
-            .with_context(|| format!("failed to write the cache key {}", partial.display()))?;
-        let linked = fs::hard_link(&partial, path);
-        let _ = fs::remove_file(&partial);
-        if let Err(error) = linked
-            && error.kind() != std::io::ErrorKind::AlreadyExists
-        {
-            return Err(error)
-                .with_context(|| format!("failed to create the cache key {}", path.display()));
-        }
-    }
-    let key = fs::read(path)
+    let mut key = [0u8; 32];
+    getrandom::fill(&mut key)
+        .map_err(|error| anyhow::anyhow!("no randomness for the cache key: {error}"))?;
+    // Two nodes starting at once agree on one key, and nobody reads a
+    // half-written one.
+    files::create_once(path, &key, 0o600)
+        .with_context(|| format!("failed to create the cache key {}", path.display()))?;
+    files::check_private(path, Private::Secret)
+        .map_err(|why| anyhow::anyhow!("refusing the compile cache's key: {why}"))?;
+    let mut read = Vec::new();
+    fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .and_then(|mut file| file.read_to_end(&mut read))
         .with_context(|| format!("failed to read the cache key {}", path.display()))?;
-    key.try_into().map_err(|_| {
+    read.try_into().map_err(|_| {
         anyhow::anyhow!(
             "the cache key {} is not 32 bytes: delete it",
             path.display()
@@ -253,6 +245,44 @@ mod tests {
         cache.store("huge", &vec![1u8; 10_000]);
         assert_eq!(entries(dir.path()), ["huge"]);
         assert!(cache.load("huge").is_some());
+    }
+
+    #[test]
+    fn a_cache_others_could_write_is_refused_with_the_fix() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let set = |path: &Path, mode: u32| {
+            fs::set_permissions(path, fs::Permissions::from_mode(mode)).unwrap()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        set(dir.path(), 0o777);
+        fs::write(dir.path().join(KEY_FILE), [7u8; 32]).unwrap();
+        let error = format!(
+            "{:#}",
+            ArtifactCache::open(dir.path(), DEFAULT_SIZE).err().unwrap()
+        );
+        assert!(error.contains("chmod go-w"), "{error}");
+
+        set(dir.path(), 0o700);
+        set(&dir.path().join(KEY_FILE), 0o644);
+        let error = format!(
+            "{:#}",
+            ArtifactCache::open(dir.path(), DEFAULT_SIZE).err().unwrap()
+        );
+        assert!(error.contains("chmod 600"), "{error}");
+
+        set(&dir.path().join(KEY_FILE), 0o600);
+        ArtifactCache::open(dir.path(), DEFAULT_SIZE).unwrap();
+    }
+
+    #[test]
+    fn a_new_cache_is_private() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let parent = tempfile::tempdir().unwrap();
+        let dir = parent.path().join("cache");
+        ArtifactCache::open(&dir, DEFAULT_SIZE).unwrap();
+        let mode = |path: &Path| fs::metadata(path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(mode(&dir.join(KEY_FILE)), 0o600);
     }
 
     #[test]

@@ -410,6 +410,11 @@ impl Wasm {
         hex::encode(self.digest)
     }
 
+    /// The bytes back.
+    pub fn into_bytes(self) -> Vec<u8> {
+        self.bytes
+    }
+
     /// A core module (version 1 of the binary format), not a component.
     fn is_core_module(&self) -> bool {
         self.bytes.get(4..8) == Some(&[1, 0, 0, 0])
