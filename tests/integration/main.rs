@@ -29,6 +29,7 @@ mod poison;
 mod process;
 mod programs;
 mod readme;
+mod security;
 mod share;
 mod soak;
 mod trace;

@@ -104,6 +104,48 @@ impl PrivateBroker {
         }
     }
 
+    /// The URL to reach it as `user`.
+    pub fn url_as(&self, user: &str, password: &str) -> String {
+        format!("amqp://{user}:{password}@127.0.0.1:{}/%2f", self.port)
+    }
+
+    /// Runs `script`, shell lines that call `rabbitmqctl` (as an operator
+    /// would type them), against this broker, off the async runtime.
+    /// Returns what it printed; panics with its errors if it fails.
+    pub async fn ctl(&self, script: &str) -> String {
+        let ctl = Path::new("/usr/lib/rabbitmq/bin/rabbitmqctl");
+        let ctl = if ctl.exists() {
+            ctl.to_owned()
+        } else {
+            server().with_file_name("rabbitmqctl")
+        };
+        let script = format!(
+            "set -euo pipefail\nrabbitmqctl() {{ {} -q -n '{}' \"$@\"; }}\n{script}",
+            ctl.display(),
+            self.name
+        );
+        // rabbitmqctl listens for Erlang distribution itself: a port of its own.
+        let port = free_port().to_string();
+        let mut command = Command::new("bash");
+        command
+            .arg("-c")
+            .arg(&script)
+            // Where the broker keeps its Erlang cookie.
+            .env("HOME", self.dir.path())
+            .env("RABBITMQ_CTL_DIST_PORT_MIN", &port)
+            .env("RABBITMQ_CTL_DIST_PORT_MAX", &port);
+        let output = tokio::task::spawn_blocking(move || command.output())
+            .await
+            .unwrap()
+            .expect("failed to run bash");
+        assert!(
+            output.status.success(),
+            "rabbitmqctl failed:\n{script}\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
     /// Stops it as an operator would (SIGTERM), and waits until it has.
     pub async fn stop(&mut self) {
         let Some(mut child) = self.child.take() else {

@@ -91,7 +91,9 @@ impl Setup {
             .expect("failed to copy a guest into the modules directory");
         }
         for (name, contents) in &self.files {
-            std::fs::write(modules_dir.path().join(name), contents)
+            let path = modules_dir.path().join(name);
+            std::fs::create_dir_all(path.parent().expect("a file in the directory"))
+                .and_then(|()| std::fs::write(path, contents))
                 .expect("failed to write to the modules directory");
         }
         let mut config = self.config;
@@ -195,7 +197,12 @@ impl TestNode {
     }
 
     pub async fn client(&self) -> Client {
-        Client::connect(&brokers(), self.exchange())
+        Self::client_for(self.exchange()).await
+    }
+
+    /// A client of the fleet on `exchange` (nodes in other processes, say).
+    pub async fn client_for(exchange: &str) -> Client {
+        Client::connect(&brokers(), exchange)
             .await
             .expect("the client failed to connect")
     }

@@ -30,6 +30,8 @@ pub struct Spawn {
     files: Vec<(String, Vec<u8>)>,
     exchange: String,
     env: Vec<(String, String)>,
+    /// The most bytes a file it writes may hold (`ulimit -f`), if limited.
+    file_size_limit: Option<u64>,
 }
 
 impl Spawn {
@@ -40,7 +42,15 @@ impl Spawn {
             files: Vec::new(),
             exchange: exchange.to_owned(),
             env: vec![("AMQP_URL".into(), amqp_url())],
+            file_size_limit: None,
         }
+    }
+
+    /// Limits the size of the files it writes, as `ulimit -f` does: a write
+    /// past it fails.
+    pub fn file_size_limit(mut self, bytes: u64) -> Spawn {
+        self.file_size_limit = Some(bytes);
+        self
     }
 
     /// Adds a file to its modules directory (a manifest, say).
@@ -92,7 +102,7 @@ impl Spawn {
             for (name, contents) in &self.files {
                 std::fs::write(modules.path().join(name), contents).unwrap();
             }
-            NodeProcess::launch_in(modules, &self.exchange, &self.env)
+            NodeProcess::launch_in(modules, &self.exchange, &self.env, self.file_size_limit)
         })
         .await
         .unwrap()
@@ -100,16 +110,38 @@ impl Spawn {
 }
 
 impl NodeProcess {
-    fn launch_in(modules: TempDir, exchange: &str, env: &[(String, String)]) -> NodeProcess {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_wasmrpc"))
+    fn launch_in(
+        modules: TempDir,
+        exchange: &str,
+        env: &[(String, String)],
+        file_size_limit: Option<u64>,
+    ) -> NodeProcess {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_wasmrpc"));
+        command
             .args(["serve", "--modules"])
             .arg(modules.path())
             .env("WASMRPC_EXCHANGE", exchange)
             .env("RUST_LOG", "info,wasmrpc::request=debug,lapin=off")
             .envs(env.iter().map(|(key, value)| (key, value)))
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+            .stderr(Stdio::piped());
+        if let Some(bytes) = file_size_limit {
+            use std::os::unix::process::CommandExt as _;
+            let limit = libc::rlimit {
+                rlim_cur: bytes,
+                rlim_max: bytes,
+            };
+            // SAFETY: setrlimit is async-signal-safe, as pre_exec requires.
+            unsafe {
+                command.pre_exec(move || {
+                    if libc::setrlimit(libc::RLIMIT_FSIZE, &limit) == 0 {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
+                });
+            }
+        }
+        let mut child = command.spawn().unwrap();
         let (sender, log) = mpsc::channel();
         let stderr = BufReader::new(child.stderr.take().unwrap());
         std::thread::spawn(move || {
@@ -149,9 +181,31 @@ impl NodeProcess {
         }
     }
 
+    /// Reads the log until the `count`th line containing `needle`, and
+    /// returns every line read. Blocking: call it off the async runtime.
+    pub fn lines_until(&self, needle: &str, count: usize) -> Vec<String> {
+        let deadline = std::time::Instant::now() + LINE_TIMEOUT;
+        let mut lines = Vec::new();
+        let mut found = 0;
+        while found < count {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let line = self.log.recv_timeout(left).unwrap_or_else(|error| {
+                panic!("the node logged {needle:?} {found} times, not {count}: {error}\n{lines:#?}")
+            });
+            found += usize::from(line.contains(needle));
+            lines.push(line);
+        }
+        lines
+    }
+
     /// The lines the node has logged and no one has read yet.
     pub fn unread_log(&self) -> Vec<String> {
         self.log.try_iter().collect()
+    }
+
+    /// The directory it serves.
+    pub fn modules_path(&self) -> &std::path::Path {
+        self._modules.path()
     }
 
     /// Whether the process is still running.

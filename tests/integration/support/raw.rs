@@ -24,9 +24,12 @@ pub struct RawClient {
 
 impl RawClient {
     pub async fn connect() -> RawClient {
-        let connection = Connection::connect(&amqp_url(), Default::default())
-            .await
-            .unwrap();
+        Self::connect_to(&amqp_url()).await
+    }
+
+    /// A tutorial client of the broker at `url` (as another user, say).
+    pub async fn connect_to(url: &str) -> RawClient {
+        let connection = Connection::connect(url, Default::default()).await.unwrap();
         let channel = connection.create_channel().await.unwrap();
         let exclusive = QueueDeclareOptions {
             exclusive: true,
