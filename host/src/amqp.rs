@@ -426,19 +426,42 @@ async fn declare_replicated_queue(
     }
 }
 
+/// How much a control queue holds for its node, beyond what the node holds
+/// unacked: a node that takes deploys holds up to `max_order` bytes of
+/// orders waiting, and the broker refuses more (the deployer hears it: its
+/// publish is nacked); one that takes none holds 1 MiB of questions, and the
+/// broker drops anything larger unread (an order it would ignore anyway).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ControlLimit {
+    Orders { max_order: u64 },
+    QuestionsOnly,
+}
+
 /// Declares this node's own queue on the control exchange: a server-named
-/// queue that dies with the connection. Returns its name.
+/// queue that dies with the connection, holding at most what `limit` says.
+/// Returns its name.
 pub async fn declare_control_queue(
     channel: &Channel,
     topology: &Topology,
+    limit: ControlLimit,
 ) -> anyhow::Result<String> {
     let private = QueueDeclareOptions {
         exclusive: true,
         auto_delete: true,
         ..QueueDeclareOptions::default()
     };
+    let (bytes, overflow) = match limit {
+        ControlLimit::Orders { max_order } => (max_order, "reject-publish"),
+        ControlLimit::QuestionsOnly => (1 << 20, "drop-head"),
+    };
+    let mut arguments = FieldTable::default();
+    arguments.insert(
+        "x-max-length-bytes".into(),
+        AMQPValue::LongLongInt(i64::try_from(bytes).unwrap_or(i64::MAX)),
+    );
+    arguments.insert("x-overflow".into(), string(overflow));
     let queue = channel
-        .queue_declare("".into(), private, FieldTable::default())
+        .queue_declare("".into(), private, arguments)
         .await
         .context("failed to declare the control queue")?;
     let queue = queue.name().as_str().to_owned();

@@ -60,6 +60,15 @@ pub struct Answer<T> {
     pub user: Option<String>,
 }
 
+/// What the fleet answered a message on the control exchange.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FleetAnswers<T> {
+    pub answers: Vec<Answer<T>>,
+    /// Whether the broker refused the message for some node: its control
+    /// queue holds less (an order over twice that node's deploy limit).
+    pub refused: bool,
+}
+
 /// How to make a call, beyond its module, body and timeout.
 #[derive(Clone, Debug, Default)]
 pub struct CallOptions {
@@ -270,6 +279,7 @@ impl Client {
         let mut nodes: Vec<NodeStatus> = self
             .ask_fleet(BasicProperties::default(), b"status", wait)
             .await?
+            .answers
             .into_iter()
             .map(|answer| answer.value)
             .collect();
@@ -287,10 +297,10 @@ impl Client {
         order: &Order,
         signed: &Signed,
         wait: Duration,
-    ) -> Result<Vec<Answer<Ack>>, ClientError> {
+    ) -> Result<FleetAnswers<Ack>, ClientError> {
         let (properties, body) = order.to_message(signed);
-        let mut acks: Vec<Answer<Ack>> = self.ask_fleet(properties, body, wait).await?;
-        acks.sort_by(|a, b| a.value.node.cmp(&b.value.node));
+        let mut acks: FleetAnswers<Ack> = self.ask_fleet(properties, body, wait).await?;
+        acks.answers.sort_by(|a, b| a.value.node.cmp(&b.value.node));
         Ok(acks)
     }
 
@@ -301,7 +311,7 @@ impl Client {
         properties: BasicProperties,
         body: &[u8],
         wait: Duration,
-    ) -> Result<Vec<Answer<T>>, ClientError> {
+    ) -> Result<FleetAnswers<T>, ClientError> {
         let correlation_id = uuid::Uuid::new_v4().to_string();
         let (sender, mut answers) = mpsc::unbounded_channel();
         self.wait_for(&correlation_id, Waiter::Many(sender))?;
@@ -330,17 +340,15 @@ impl Client {
             Ok(confirm) => confirm.await.map(|confirmation| confirmation.is_ack()),
             Err(error) => Err(error),
         };
-        match confirmed {
-            Ok(true) => {}
-            Ok(false) => {
-                self.forget(&correlation_id);
-                return Err(ClientError::Broker("the broker refused the message".into()));
-            }
+        // A nack: some node's control queue refused it (an order larger than
+        // that node takes); the others have it and answer.
+        let refused = match confirmed {
+            Ok(acked) => !acked,
             Err(error) => {
                 self.forget(&correlation_id);
                 return Err(describe(&error, &control));
             }
-        }
+        };
         let mut found = Vec::new();
         let deadline = tokio::time::Instant::now() + wait;
         while let Ok(Some(reply)) = tokio::time::timeout_at(deadline, answers.recv()).await {
@@ -356,7 +364,10 @@ impl Client {
         if let Some(closed) = &self.pending.lock().expect("pending lock").closed {
             return Err(closed.clone());
         }
-        Ok(found)
+        Ok(FleetAnswers {
+            answers: found,
+            refused,
+        })
     }
 
     fn wait_for(&self, correlation_id: &str, waiter: Waiter) -> Result<(), ClientError> {

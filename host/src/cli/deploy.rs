@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::Args;
 
 use super::{Failure, Global};
-use crate::client::{Answer, Client};
+use crate::client::{Answer, Client, FleetAnswers};
 use crate::deploy::{Ack, Action, Order, SecretKey};
 use crate::names::ModuleName;
 use crate::units::parse_duration;
@@ -164,10 +164,16 @@ async fn send(order: Order, signing: Signing, global: &Global) -> Result<(), Fai
     let client = Client::connect(&brokers, &global.exchange)
         .await
         .map_err(Failure::Broker)?;
-    let answers = client
+    let FleetAnswers { answers, refused } = client
         .order(&order, &signed, signing.wait)
         .await
         .map_err(|error| Failure::Broker(error.into()))?;
+    let turned_away = refused.then(|| {
+        format!(
+            "the broker turned the {} away from some node: it is more than twice that node's --deploy-limit",
+            order.action.as_str()
+        )
+    });
     let verdicts: Vec<Verdict> = answers
         .iter()
         .map(|answer| judge(answer, &order, &signing.node_user))
@@ -178,6 +184,11 @@ async fn send(order: Order, signing: Signing, global: &Global) -> Result<(), Fai
         .iter()
         .filter(|verdict| !matches!(verdict, Verdict::Ignored(_)))
         .count();
+    if let Some(why) = &turned_away
+        && counted == 0
+    {
+        return Err(Failure::Failed(anyhow::anyhow!("{why}")));
+    }
     if counted == 0 {
         let ignored = match answers.len() {
             0 => String::new(),
@@ -193,11 +204,15 @@ async fn send(order: Order, signing: Signing, global: &Global) -> Result<(), Fai
         .iter()
         .filter(|verdict| matches!(verdict, Verdict::Refused))
         .count();
-    if refused > 0 {
-        return Err(Failure::Failed(anyhow::anyhow!(
+    if refused > 0 || turned_away.is_some() {
+        let mut message = format!(
             "{refused} of {counted} nodes refused the {action} of {}",
             order.name
-        )));
+        );
+        if let Some(why) = turned_away {
+            message = format!("{message}; {why}");
+        }
+        return Err(Failure::Failed(anyhow::anyhow!(message)));
     }
     Ok(())
 }

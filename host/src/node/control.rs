@@ -5,7 +5,8 @@
 //! The control queue is consumed with acks and a small prefetch of its own
 //! ([`PREFETCH`]): a node holds at most that many control messages, so a
 //! flood of large orders costs it that many bodies in memory, and orders are
-//! taken one at a time (see `deploys`). Each message is acked once answered.
+//! taken one at a time (see `deploys`); the queue itself holds little (see
+//! `amqp::ControlLimit`). Each message is acked once answered.
 
 use std::sync::Arc;
 

@@ -27,7 +27,7 @@ use tokio_util::task::TaskTracker;
 
 use super::subscriptions::{self, Subscriptions};
 use super::{Shared, control};
-use crate::amqp::{self, Brokers};
+use crate::amqp::{self, Brokers, ControlLimit};
 use crate::names::ModuleName;
 use crate::registry::Update;
 use crate::request::{self, Context};
@@ -210,7 +210,15 @@ impl Session {
             .basic_qos(control::PREFETCH, BasicQosOptions::default())
             .await
             .context("failed to set the control queue's prefetch")?;
-        let control_queue = amqp::declare_control_queue(&control, topology).await?;
+        // Orders wait in the broker, not here: twice the largest this node
+        // takes, and a little for questions; the broker refuses more.
+        let limit = match &shared.deploys {
+            Some(deploys) => ControlLimit::Orders {
+                max_order: (deploys.max_size as u64).saturating_mul(2) + (1 << 20),
+            },
+            None => ControlLimit::QuestionsOnly,
+        };
+        let control_queue = amqp::declare_control_queue(&control, topology, limit).await?;
         deliveries.insert(
             Source::Control,
             subscriptions

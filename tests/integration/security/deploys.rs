@@ -371,3 +371,67 @@ async fn a_deploy_writes_through_no_planted_link_and_a_failed_write_changes_noth
     assert_eq!(std::fs::read_to_string(&victim).unwrap(), "untouched");
     drop(node);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_order_far_over_a_nodes_limit_stays_in_the_broker() {
+    let keys = Keys::new().await;
+    let exchange = unique("oversized");
+    let trusted = keys.trusted();
+    let small = TestNode::setup(&[])
+        .exchange(&exchange)
+        .config(move |config| {
+            config.accept_deploys = Some(trusted);
+            config.deploy_limit = 1 << 20;
+        })
+        .start()
+        .await;
+    let roomy = taker(&exchange, &keys).start().await;
+    // A node that takes no deploys drops orders unread, and says nothing.
+    let _bystander = TestNode::setup(&[]).exchange(&exchange).start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let fib = std::fs::read(guests::wasm("fib")).unwrap();
+
+    // 2 MiB: the roomy node takes it, the small one refuses it with why.
+    let medium = guests::variant(&fib, &"x".repeat(2 << 20));
+    let file = write(dir.path(), "medium.wasm", &medium);
+    let deployed = deployer(&amqp_url(), &exchange, &keys, &["deploy", &file]).await;
+    assert_eq!(
+        deployed.code,
+        Some(1),
+        "{}{}",
+        deployed.stdout,
+        deployed.stderr
+    );
+    assert!(
+        deployed
+            .stdout
+            .contains("over this node's deploy limit of 1 MiB"),
+        "{}",
+        deployed.stdout
+    );
+    assert!(!deployed.stderr.contains("turned"), "{}", deployed.stderr);
+    serves(&roomy, "medium", Some(&version_of(&medium))).await;
+
+    // 4 MiB, over twice the small node's limit: the broker keeps it from
+    // that node, and the deployer hears so; the roomy node takes it.
+    let large = guests::variant(&fib, &"x".repeat(4 << 20));
+    let file = write(dir.path(), "large.wasm", &large);
+    let deployed = deployer(&amqp_url(), &exchange, &keys, &["deploy", &file]).await;
+    assert_eq!(
+        deployed.code,
+        Some(1),
+        "{}{}",
+        deployed.stdout,
+        deployed.stderr
+    );
+    assert!(
+        deployed
+            .stderr
+            .contains("turned the deploy away from some node"),
+        "{}",
+        deployed.stderr
+    );
+    assert!(!deployed.stdout.contains(&small.id), "{}", deployed.stdout);
+    serves(&roomy, "large", Some(&version_of(&large))).await;
+    serves(&small, "large", None).await;
+}
