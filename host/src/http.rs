@@ -7,8 +7,10 @@
 //! a connection must send a request's headers within [`HEADER_TIMEOUT`] of
 //! opening or of its last answer (idle or half-sent, it is closed then), no
 //! connection lives longer than [`LIFETIME`], and at most
-//! [`MAX_CONNECTIONS`] are open: one more makes the oldest close, so that a
-//! flood of idle connections cannot keep out the health check.
+//! [`MAX_CONNECTIONS`] are open (fewer under a low open-file limit, so that
+//! the broker connections, deploys and the cache always have descriptors
+//! left): one more makes the oldest close, so that a flood of idle
+//! connections cannot keep out the health check.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -25,6 +27,7 @@ use axum::routing::get;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -45,6 +48,23 @@ const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
 /// The most connections open at once; one more closes the oldest.
 pub const MAX_CONNECTIONS: usize = 64;
+
+/// [`MAX_CONNECTIONS`], or a quarter of the process's open-file limit if
+/// that is less (at least 4).
+fn connection_cap() -> usize {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes only the struct it is given.
+    let known = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0;
+    let quarter = usize::try_from(limit.rlim_cur / 4).unwrap_or(usize::MAX);
+    if known {
+        MAX_CONNECTIONS.min(quarter).max(4)
+    } else {
+        MAX_CONNECTIONS
+    }
+}
 
 /// After a failed accept (out of file descriptors, say), wait this long
 /// before the next, rather than spin.
@@ -68,6 +88,10 @@ pub async fn serve(
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .with_state(probe);
+    let cap = connection_cap();
+    // A permit per connection, given back when its socket is closed: never
+    // more sockets open than the cap, and the one just accepted.
+    let permits = Arc::new(Semaphore::new(cap));
     let open = Arc::new(Open::default());
     let tasks = TaskTracker::new();
     let stop = CancellationToken::new();
@@ -83,6 +107,20 @@ pub async fn serve(
                     continue;
                 }
             },
+        };
+        let permit = match permits.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            // Full: the oldest goes, and this one waits until its socket
+            // is closed.
+            Err(_) => {
+                open.close_oldest();
+                tokio::select! {
+                    () = &mut shutdown => break,
+                    permit = permits.clone().acquire_owned() => {
+                        permit.expect("the semaphore is never closed")
+                    }
+                }
+            }
         };
         let (id, closed) = open.add(&stop);
         let service = TowerToHyperService::new(app.clone());
@@ -102,6 +140,7 @@ pub async fn serve(
                 }
             }
             open.remove(id);
+            drop(permit);
         });
     }
     stop.cancel();
@@ -117,20 +156,27 @@ struct Open {
 }
 
 impl Open {
-    /// Counts a new connection in, closing the oldest if that makes one too
-    /// many. Returns its id and what closes it.
+    /// Counts a new connection in. Returns its id and what closes it.
     fn add(&self, stop: &CancellationToken) -> (u64, CancellationToken) {
         let mut guard = self.connections.lock().expect("connections lock");
         let (next, open) = &mut *guard;
-        if open.len() >= MAX_CONNECTIONS
-            && let Some((_, oldest)) = open.pop_first()
-        {
-            oldest.cancel();
-        }
         *next += 1;
         let closed = stop.child_token();
         open.insert(*next, closed.clone());
         (*next, closed)
+    }
+
+    /// Closes the connection open longest.
+    fn close_oldest(&self) {
+        let oldest = self
+            .connections
+            .lock()
+            .expect("connections lock")
+            .1
+            .pop_first();
+        if let Some((_, closed)) = oldest {
+            closed.cancel();
+        }
     }
 
     fn remove(&self, id: u64) {

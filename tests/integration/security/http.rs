@@ -6,8 +6,9 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 
-use crate::support::TestNode;
 use crate::support::http::get;
+use crate::support::process::Spawn;
+use crate::support::{TestNode, unique};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn idle_and_half_sent_connections_are_closed_and_health_answers_meanwhile() {
@@ -67,4 +68,46 @@ async fn idle_and_half_sent_connections_are_closed_and_health_answers_meanwhile(
     println!("220 held connections all closed by the node within {elapsed:?}");
     assert_eq!(open, 0, "connections the node kept open");
     assert!(elapsed < Duration::from_secs(30), "{elapsed:?}");
+}
+
+/// Opens `count` connections to `addr` and sends nothing on them.
+async fn hold(addr: std::net::SocketAddr, count: usize) -> Vec<TcpStream> {
+    let mut held = Vec::new();
+    for _ in 0..count {
+        held.push(TcpStream::connect(addr).await.unwrap());
+    }
+    held
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn held_connections_leave_a_node_the_files_it_needs() {
+    // 128 open files at most, as on a small box: 300 held connections took
+    // every descriptor the node had, and deploys and replies failed.
+    let exchange = unique("files");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+    let node = Spawn::new(&exchange, &["fib"])
+        .env("WASMRPC_HTTP", &addr.to_string())
+        .open_files_limit(128)
+        .start()
+        .await;
+    let _cleanup = crate::support::node::Cleanup::new(&exchange, &["fib"]);
+    let held = hold(addr, 300).await;
+    let (status, _) = get(addr, "/readyz").await;
+    assert_eq!(status, 200);
+    let client = TestNode::client_for(&exchange).await;
+    for n in 0..20 {
+        let reply = client
+            .call("fib", b"30", Duration::from_secs(10))
+            .await
+            .unwrap_or_else(|error| panic!("call {n} with 300 connections held: {error}"));
+        assert_eq!(reply.body, b"832040");
+    }
+    drop(held);
+    let log = node.unread_log().join("\n");
+    assert!(!log.contains("Too many open files"), "{log}");
 }

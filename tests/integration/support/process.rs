@@ -30,8 +30,8 @@ pub struct Spawn {
     files: Vec<(String, Vec<u8>)>,
     exchange: String,
     env: Vec<(String, String)>,
-    /// The most bytes a file it writes may hold (`ulimit -f`), if limited.
-    file_size_limit: Option<u64>,
+    /// Resource limits (`setrlimit`) it starts with.
+    rlimits: Vec<(libc::__rlimit_resource_t, u64)>,
 }
 
 impl Spawn {
@@ -42,14 +42,20 @@ impl Spawn {
             files: Vec::new(),
             exchange: exchange.to_owned(),
             env: vec![("AMQP_URL".into(), amqp_url())],
-            file_size_limit: None,
+            rlimits: Vec::new(),
         }
     }
 
     /// Limits the size of the files it writes, as `ulimit -f` does: a write
     /// past it fails.
     pub fn file_size_limit(mut self, bytes: u64) -> Spawn {
-        self.file_size_limit = Some(bytes);
+        self.rlimits.push((libc::RLIMIT_FSIZE, bytes));
+        self
+    }
+
+    /// Limits the files it may have open at once, as `ulimit -n` does.
+    pub fn open_files_limit(mut self, files: u64) -> Spawn {
+        self.rlimits.push((libc::RLIMIT_NOFILE, files));
         self
     }
 
@@ -102,7 +108,7 @@ impl Spawn {
             for (name, contents) in &self.files {
                 std::fs::write(modules.path().join(name), contents).unwrap();
             }
-            NodeProcess::launch_in(modules, &self.exchange, &self.env, self.file_size_limit)
+            NodeProcess::launch_in(modules, &self.exchange, &self.env, self.rlimits)
         })
         .await
         .unwrap()
@@ -114,7 +120,7 @@ impl NodeProcess {
         modules: TempDir,
         exchange: &str,
         env: &[(String, String)],
-        file_size_limit: Option<u64>,
+        rlimits: Vec<(libc::__rlimit_resource_t, u64)>,
     ) -> NodeProcess {
         let mut command = Command::new(env!("CARGO_BIN_EXE_wasmrpc"));
         command
@@ -124,20 +130,21 @@ impl NodeProcess {
             .env("RUST_LOG", "info,wasmrpc::request=debug,lapin=off")
             .envs(env.iter().map(|(key, value)| (key, value)))
             .stderr(Stdio::piped());
-        if let Some(bytes) = file_size_limit {
+        if !rlimits.is_empty() {
             use std::os::unix::process::CommandExt as _;
-            let limit = libc::rlimit {
-                rlim_cur: bytes,
-                rlim_max: bytes,
-            };
             // SAFETY: setrlimit is async-signal-safe, as pre_exec requires.
             unsafe {
                 command.pre_exec(move || {
-                    if libc::setrlimit(libc::RLIMIT_FSIZE, &limit) == 0 {
-                        Ok(())
-                    } else {
-                        Err(std::io::Error::last_os_error())
+                    for &(resource, value) in &rlimits {
+                        let limit = libc::rlimit {
+                            rlim_cur: value,
+                            rlim_max: value,
+                        };
+                        if libc::setrlimit(resource, &limit) != 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
                     }
+                    Ok(())
                 });
             }
         }
