@@ -570,9 +570,39 @@ pub fn header_u64(headers: Option<&FieldTable>, name: &str) -> Result<Option<u64
         AMQPValue::ShortString(text) => text.as_str().parse().ok(),
         _ => None,
     };
-    number
-        .map(Some)
-        .ok_or_else(|| format!("header {name} must be a non-negative integer, got {value:?}"))
+    number.map(Some).ok_or_else(|| {
+        format!(
+            "header {name} must be a non-negative integer, got {}",
+            shown(value)
+        )
+    })
+}
+
+/// A header's value as its sender wrote it: a string quoted, a number as
+/// such, anything else by its AMQP type.
+pub fn shown(value: &AMQPValue) -> String {
+    match value {
+        AMQPValue::LongString(text) => {
+            format!("{:?}", String::from_utf8_lossy(text.as_bytes()))
+        }
+        AMQPValue::ShortString(text) => format!("{:?}", text.as_str()),
+        AMQPValue::Boolean(value) => value.to_string(),
+        AMQPValue::ShortShortInt(n) => n.to_string(),
+        AMQPValue::ShortShortUInt(n) => n.to_string(),
+        AMQPValue::ShortInt(n) => n.to_string(),
+        AMQPValue::ShortUInt(n) => n.to_string(),
+        AMQPValue::LongInt(n) => n.to_string(),
+        AMQPValue::LongUInt(n) => n.to_string(),
+        AMQPValue::LongLongInt(n) => n.to_string(),
+        AMQPValue::Float(n) => n.to_string(),
+        AMQPValue::Double(n) => n.to_string(),
+        AMQPValue::Timestamp(n) => n.to_string(),
+        AMQPValue::FieldTable(_) => "a table".to_owned(),
+        AMQPValue::FieldArray(_) => "an array".to_owned(),
+        AMQPValue::ByteArray(_) => "a byte array".to_owned(),
+        AMQPValue::DecimalValue(_) => "a decimal".to_owned(),
+        AMQPValue::Void => "nothing (void)".to_owned(),
+    }
 }
 
 /// The value of a string header, whichever AMQP string type carries it.
@@ -588,6 +618,21 @@ pub fn header_str<'a>(headers: Option<&'a FieldTable>, name: &str) -> Option<&'a
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_bad_header_is_shown_as_its_sender_wrote_it() {
+        let mut headers = FieldTable::default();
+        headers.insert("x-timeout-ms".into(), AMQPValue::LongString("abc".into()));
+        headers.insert("x-deadline".into(), AMQPValue::LongLongInt(-5));
+        assert_eq!(
+            header_u64(Some(&headers), "x-timeout-ms"),
+            Err("header x-timeout-ms must be a non-negative integer, got \"abc\"".into())
+        );
+        assert_eq!(
+            header_u64(Some(&headers), "x-deadline"),
+            Err("header x-deadline must be a non-negative integer, got -5".into())
+        );
+    }
 
     #[test]
     fn a_broker_displays_without_its_password() {

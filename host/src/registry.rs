@@ -138,7 +138,7 @@ impl Loader {
         while loading.join_next().await.is_some() {}
         tracing::info!(
             modules = self.registry.names().len(),
-            elapsed_ms = started.elapsed().as_millis(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
             "loaded the modules directory"
         );
         Ok(())
@@ -195,7 +195,7 @@ impl Loader {
                     kind = %module.module.kind(),
                     replaced = replaced.as_ref().map(|old| tracing::field::display(&old.version)),
                     from_cache,
-                    elapsed_ms = started.elapsed().as_millis(),
+                    elapsed_ms = started.elapsed().as_millis() as u64,
                     time_limit = %display_millis(limits.time),
                     memory_limit = %Bytes(limits.memory),
                     "loaded module"

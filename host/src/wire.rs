@@ -142,11 +142,17 @@ pub struct NodeStatus {
     /// The wasmrpc version the node runs.
     pub version: String,
     pub uptime_ms: u64,
-    /// Requests it has in progress at once, at most (some may be waiting
-    /// in a host call or for their turn to compute).
+    /// Guests that compute at once: its `serve --concurrency`.
     pub concurrency: u32,
-    /// Requests running now.
+    /// Requests it has in progress at once, at most (some may be waiting
+    /// in a host call or for their turn to compute): 4 × `concurrency`.
+    #[serde(default)]
+    pub instances: u32,
+    /// Requests in progress now.
     pub running: usize,
+    /// Whether it takes deploy orders (`serve --accept-deploys`).
+    #[serde(default)]
+    pub takes_deploys: bool,
     pub modules: Vec<ModuleStatus>,
 }
 

@@ -160,7 +160,7 @@ async fn readiness_follows_the_broker_and_health_says_so() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn health_fails_without_a_node_and_needs_an_address() {
+async fn health_fails_without_a_node_and_asks_where_scripts_run_serves() {
     // A port nothing listens on: bound, then let go.
     let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = free.local_addr().unwrap().to_string();
@@ -175,9 +175,16 @@ async fn health_fails_without_a_node_and_needs_an_address() {
         text(&output.stderr)
     );
 
-    let mut command = wasmrpc("unused", &["health"]);
+    // Without an address, where `scripts/run` serves (a node may be there).
+    let mut command = wasmrpc("unused", &["health", "--timeout", "2s"]);
     command.env_remove("WASMRPC_HTTP");
     let output = run(command).await;
+    assert!(
+        output.status.success() || text(&output.stderr).contains("http://127.0.0.1:9090/readyz"),
+        "{}",
+        text(&output.stderr)
+    );
+    let output = run(wasmrpc("unused", &["health", "--http", "nowhere"])).await;
     assert_eq!(output.status.code(), Some(2), "{}", text(&output.stderr));
 
     // The address may come from the environment, as in the container image.

@@ -35,11 +35,11 @@ pub(super) struct BenchArgs {
     arg: Option<String>,
 
     /// Calls to make in all, instead of calling for `--duration`.
-    #[arg(long, conflicts_with = "duration", value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(short = 'n', long, conflicts_with = "duration", value_parser = clap::value_parser!(u64).range(1..))]
     requests: Option<u64>,
 
     /// How long to call, e.g. `10s`, `1m`.
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    #[arg(short = 'd', long, default_value = "10s", value_parser = parse_duration)]
     duration: Duration,
 
     /// Calls in flight at once.

@@ -9,14 +9,35 @@ use crate::client::Client;
 use crate::units::parse_duration;
 use crate::wire::NodeStatus;
 
-/// `ping`: list the live nodes. `modules`: list every live node's modules,
-/// with their kinds, versions and the calls each answered.
+/// List the live nodes: id, host, uptime, modules, requests in progress.
 ///
 /// Asks every node on the exchange and waits `--wait` for the answers; a node
-/// that is gone does not answer. Exit codes: 0 some node answered, 3 none did,
-/// 4 broker unreachable.
+/// that is gone does not answer. RUNNING is the requests in progress out of
+/// the most the node takes at once (4 × its `--concurrency`). Exit codes: 0
+/// some node answered, 3 none did, 4 broker unreachable or refused.
 ///
-/// Examples: `wasmrpc ping`; `wasmrpc modules --wait 2s --json`
+/// Examples: `wasmrpc ping`; `wasmrpc ping --wait 2s --json`
+#[derive(Debug, Args)]
+pub(super) struct PingArgs {
+    #[command(flatten)]
+    pub(super) flags: FleetArgs,
+}
+
+/// List every live node's modules: kind, version, calls answered and failed.
+///
+/// Asks every node on the exchange and waits `--wait` for the answers; a node
+/// that is gone does not answer. Calls are counted per node since it started.
+/// Exit codes: 0 some node answered, 3 none did, 4 broker unreachable or
+/// refused.
+///
+/// Examples: `wasmrpc modules`; `wasmrpc modules --wait 2s --json`
+#[derive(Debug, Args)]
+pub(super) struct ModulesArgs {
+    #[command(flatten)]
+    pub(super) flags: FleetArgs,
+}
+
+/// The flags of `ping` and `modules`.
 #[derive(Debug, Args)]
 pub(super) struct FleetArgs {
     /// How long to wait for nodes to answer, e.g. `1s`, `500ms`.
@@ -68,7 +89,7 @@ fn nodes_table(nodes: &[NodeStatus]) -> String {
             node.host.clone(),
             uptime(node.uptime_ms),
             node.modules.len().to_string(),
-            format!("{}/{}", node.running, node.concurrency),
+            format!("{}/{}", node.running, node.instances),
         ]
     });
     table(&["NODE", "HOST", "UPTIME", "MODULES", "RUNNING"], rows)

@@ -16,11 +16,13 @@ use super::Failure;
 ///
 /// Exit codes: 0 ready, 1 not ready or not answering, 2 bad usage.
 ///
-/// Example: `wasmrpc health --http 127.0.0.1:9090`
+/// Example: `wasmrpc health` (a node started by `scripts/run`), or
+/// `wasmrpc health --http 127.0.0.1:9091`
 #[derive(Debug, Args)]
 pub(super) struct HealthArgs {
-    /// The node's HTTP address, as given to `serve --http`.
-    #[arg(long, env = "WASMRPC_HTTP")]
+    /// The node's HTTP address, as given to `serve --http` (the same
+    /// variable sets both); `scripts/run` serves on 127.0.0.1:9090.
+    #[arg(long, env = "WASMRPC_HTTP", default_value = "127.0.0.1:9090")]
     http: SocketAddr,
 
     /// How long to wait for the answer.

@@ -111,8 +111,10 @@ fn status(shared: &Shared) -> NodeStatus {
         host: shared.host.clone(),
         version: env!("CARGO_PKG_VERSION").to_owned(),
         uptime_ms: shared.stats.uptime().as_millis() as u64,
-        concurrency: shared.instances,
+        concurrency: shared.concurrency,
+        instances: shared.instances,
         running: *shared.stats.running().borrow(),
+        takes_deploys: shared.deploys.is_some(),
         modules,
     }
 }

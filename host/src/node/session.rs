@@ -157,7 +157,7 @@ impl Session {
                     session = number,
                     broker = %brokers.get(broker),
                     exchange = %shared.topology.exchange(),
-                    modules = ?shared.registry.names().iter().map(ModuleName::as_str).collect::<Vec<_>>(),
+                    modules = shared.registry.names().len(),
                     concurrency = shared.concurrency,
                     prefetch = shared.prefetch,
                     "node ready"
