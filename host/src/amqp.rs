@@ -437,6 +437,25 @@ pub enum ControlLimit {
     QuestionsOnly,
 }
 
+impl ControlLimit {
+    /// For a node that takes modules of up to `deploy_limit` bytes: orders
+    /// of twice that and 1 MiB, so that one it refuses for its size still
+    /// reaches it, and it can say why.
+    pub fn for_deploys(deploy_limit: u64) -> ControlLimit {
+        ControlLimit::Orders {
+            max_order: deploy_limit.saturating_mul(2).saturating_add(1 << 20),
+        }
+    }
+
+    /// Whether an order whose module is `size` bytes reaches the node.
+    pub fn lets_in(self, size: u64) -> bool {
+        match self {
+            ControlLimit::Orders { max_order } => size <= max_order,
+            ControlLimit::QuestionsOnly => false,
+        }
+    }
+}
+
 /// Declares this node's own queue on the control exchange: a server-named
 /// queue that dies with the connection, holding at most what `limit` says.
 /// Returns its name.

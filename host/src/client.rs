@@ -276,14 +276,29 @@ impl Client {
     /// returns the answers that came within `wait`, in node-id order. A node
     /// that is gone simply does not answer.
     pub async fn fleet(&self, wait: Duration) -> Result<Vec<NodeStatus>, ClientError> {
-        let mut nodes: Vec<NodeStatus> = self
-            .ask_fleet(BasicProperties::default(), b"status", wait)
+        Ok(self
+            .fleet_vouched(wait)
             .await?
-            .answers
             .into_iter()
             .map(|answer| answer.value)
-            .collect();
-        nodes.sort_by(|a, b| a.node.cmp(&b.node));
+            .collect())
+    }
+
+    /// [`Client::fleet`], each answer with the broker user that sent it.
+    pub async fn fleet_vouched(
+        &self,
+        wait: Duration,
+    ) -> Result<Vec<Answer<NodeStatus>>, ClientError> {
+        let mut nodes = self
+            .ask_fleet(
+                BasicProperties::default(),
+                b"status",
+                wait,
+                |_: &[Answer<NodeStatus>]| false,
+            )
+            .await?
+            .answers;
+        nodes.sort_by(|a, b| a.value.node.cmp(&b.value.node));
         Ok(nodes)
     }
 
@@ -292,14 +307,19 @@ impl Client {
     /// that take no deploys do not answer; anyone who can publish to the
     /// default exchange and has seen the order may, which is why each
     /// answer comes with the broker user that sent it.
+    ///
+    /// A node that compiles the module first answers that it does
+    /// ([`Ack::pending`]), then again once it is done. The answers are
+    /// returned as soon as `done` says they are all there, or after `wait`.
     pub async fn order(
         &self,
         order: &Order,
         signed: &Signed,
         wait: Duration,
+        done: impl Fn(&[Answer<Ack>]) -> bool,
     ) -> Result<FleetAnswers<Ack>, ClientError> {
         let (properties, body) = order.to_message(signed);
-        let mut acks: FleetAnswers<Ack> = self.ask_fleet(properties, body, wait).await?;
+        let mut acks: FleetAnswers<Ack> = self.ask_fleet(properties, body, wait, done).await?;
         acks.answers.sort_by(|a, b| a.value.node.cmp(&b.value.node));
         Ok(acks)
     }
@@ -311,6 +331,7 @@ impl Client {
         properties: BasicProperties,
         body: &[u8],
         wait: Duration,
+        done: impl Fn(&[Answer<T>]) -> bool,
     ) -> Result<FleetAnswers<T>, ClientError> {
         let correlation_id = uuid::Uuid::new_v4().to_string();
         let (sender, mut answers) = mpsc::unbounded_channel();
@@ -358,6 +379,9 @@ impl Client {
                     user: reply.user_id,
                 }),
                 Err(error) => tracing::warn!("ignoring an answer that does not parse: {error}"),
+            }
+            if done(&found) {
+                break;
             }
         }
         self.forget(&correlation_id);

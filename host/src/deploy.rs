@@ -357,6 +357,8 @@ pub enum Refusal {
     Replayed(Stamp),
     #[error("this node took a newer order for the module ({newest}) than this one ({this})")]
     NotNewer { this: Stamp, newest: Stamp },
+    #[error("this node has no module {0}")]
+    NotHere(ModuleName),
     #[error("{0}")]
     Invalid(String),
 }
@@ -371,19 +373,35 @@ impl SecretKey {
         Ok(SecretKey(SigningKey::from_bytes(&seed)))
     }
 
+    /// Reads a secret key's file. A public key (which has the same form)
+    /// is refused: signing with it would make another key, which no node
+    /// trusts.
     pub fn read(path: &Path) -> anyhow::Result<SecretKey> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("failed to read the key {}", path.display()))?;
-        let seed: [u8; 32] = hex::decode(text.trim())
-            .ok()
-            .and_then(|bytes| bytes.try_into().ok())
-            .with_context(|| format!("{} is not a key made by `wasmrpc keygen`", path.display()))?;
+        if text.contains(PUBLIC) || path.extension().is_some_and(|ext| ext == "pub") {
+            anyhow::bail!(
+                "{} is a public key: sign with the secret key, the file of the same name without .pub",
+                path.display()
+            );
+        }
+        let lines: Vec<&str> = key_lines(&text).collect();
+        let seed: [u8; 32] = match lines[..] {
+            [line] => hex::decode(line)
+                .ok()
+                .and_then(|bytes| bytes.try_into().ok()),
+            _ => None,
+        }
+        .with_context(|| format!("{} is not a key made by `wasmrpc keygen`", path.display()))?;
         Ok(SecretKey(SigningKey::from_bytes(&seed)))
     }
 
-    /// The secret, in hex, as its file holds it.
-    pub fn to_hex(&self) -> String {
-        hex::encode(self.0.to_bytes())
+    /// The text of its file, as `keygen` writes it.
+    pub fn file_text(&self) -> String {
+        format!(
+            "# {SECRET}: sign deploys with it, and keep it to yourself\n{}\n",
+            hex::encode(self.0.to_bytes())
+        )
     }
 
     pub fn public(&self) -> PublicKey {
@@ -391,8 +409,26 @@ impl SecretKey {
     }
 }
 
+/// What the first line of each key file `keygen` writes says it is.
+const SECRET: &str = "wasmrpc deploy key (secret)";
+const PUBLIC: &str = "wasmrpc deploy key (public)";
+
+/// The lines of a key file that hold keys: not blank, not `#` comments.
+fn key_lines(text: &str) -> impl Iterator<Item = &str> {
+    text.lines()
+        .map(|line| line.split('#').next().unwrap_or_default().trim())
+        .filter(|line| !line.is_empty())
+}
+
 /// A verifying key, in hex.
 pub struct PublicKey(VerifyingKey);
+
+impl PublicKey {
+    /// The text of its file, as `keygen` writes it.
+    pub fn file_text(&self) -> String {
+        format!("# {PUBLIC}: list it in the file nodes take with --accept-deploys\n{self}\n")
+    }
+}
 
 impl fmt::Display for PublicKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -409,6 +445,13 @@ impl TrustedKeys {
     pub fn read(path: &Path) -> anyhow::Result<TrustedKeys> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("failed to read the trusted keys {}", path.display()))?;
+        if text.contains(SECRET) {
+            anyhow::bail!(
+                "{} holds a secret key: give nodes the public key (the file `keygen` wrote with .pub), \
+                 and keep the secret one to sign with",
+                path.display()
+            );
+        }
         let mut keys = Vec::new();
         for (number, line) in text.lines().enumerate() {
             let line = line.split('#').next().unwrap_or_default().trim();
@@ -444,6 +487,10 @@ pub struct Ack {
     #[serde(default)]
     pub order: String,
     pub accepted: bool,
+    /// Not the answer yet: the node is compiling the module, and answers
+    /// again when it is done.
+    #[serde(default)]
+    pub pending: bool,
     /// The version now served, for a deploy taken.
     pub version: Option<String>,
     /// Why it was refused.
@@ -565,10 +612,10 @@ mod tests {
     fn keys_round_trip_through_their_files() {
         let dir = tempfile::tempdir().unwrap();
         let key = SecretKey::generate().unwrap();
-        std::fs::write(dir.path().join("k"), key.to_hex()).unwrap();
+        std::fs::write(dir.path().join("k"), key.file_text()).unwrap();
         std::fs::write(
             dir.path().join("trusted"),
-            format!("# the release key\n{}\n\n", key.public()),
+            format!("# the release key\n{}\n", key.public().file_text()),
         )
         .unwrap();
         let read = SecretKey::read(&dir.path().join("k")).unwrap();
@@ -577,5 +624,34 @@ mod tests {
         assert_eq!(order.verify(&order.sign(&read), &trusted), Ok(()));
         std::fs::write(dir.path().join("bad"), "not a key\n").unwrap();
         assert!(TrustedKeys::read(&dir.path().join("bad")).is_err());
+        // A key file of wasmrpc before the marks: the hex alone.
+        std::fs::write(dir.path().join("old"), hex::encode(key.0.to_bytes())).unwrap();
+        assert!(SecretKey::read(&dir.path().join("old")).is_ok());
+    }
+
+    #[test]
+    fn a_key_given_in_the_other_ones_place_is_refused_with_the_fix() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = SecretKey::generate().unwrap();
+        let (secret, public) = (
+            dir.path().join("deploy.key"),
+            dir.path().join("deploy.key.pub"),
+        );
+        std::fs::write(&secret, key.file_text()).unwrap();
+        std::fs::write(&public, key.public().file_text()).unwrap();
+        let error = SecretKey::read(&public).err().unwrap().to_string();
+        assert!(
+            error.contains("is a public key: sign with the secret key"),
+            "{error}"
+        );
+        let error = TrustedKeys::read(&secret).unwrap_err().to_string();
+        assert!(
+            error.contains("holds a secret key: give nodes the public key"),
+            "{error}"
+        );
+        // A public key by its content alone, under another name.
+        let renamed = dir.path().join("release");
+        std::fs::copy(&public, &renamed).unwrap();
+        assert!(SecretKey::read(&renamed).is_err());
     }
 }

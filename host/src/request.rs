@@ -587,6 +587,23 @@ pub(crate) async fn answer_control(context: &Context, delivery: &Delivery, reply
     settle(context, delivery, Settlement::Ack).await;
 }
 
+/// Sends an answer on the control queue that is not the last for its
+/// message (a node compiling a deploy says so), vouched for as
+/// [`answer_control`]'s are, and settles nothing.
+pub(crate) async fn answer_control_pending(context: &Context, delivery: &Delivery, reply: Reply) {
+    let Some(reply_to) = delivery.properties.reply_to().as_ref() else {
+        return;
+    };
+    let properties = reply.properties(delivery.properties.correlation_id().as_ref());
+    if let Err(error) = context
+        .replies
+        .send_vouched(reply_to.as_str(), properties, &reply.body, &context.lost)
+        .await
+    {
+        tracing::debug!("cannot say on the control queue that a deploy compiles: {error}");
+    }
+}
+
 /// Tells the broker what became of a delivery. The only place that does.
 ///
 /// Fails only when the delivery's channel is gone, and then the broker has

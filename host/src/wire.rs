@@ -153,6 +153,11 @@ pub struct NodeStatus {
     /// Whether it takes deploy orders (`serve --accept-deploys`).
     #[serde(default)]
     pub takes_deploys: bool,
+    /// The largest module it takes in a deploy (`--deploy-limit`), if it
+    /// takes deploys; its control queue holds orders up to twice that and
+    /// 1 MiB, and the broker keeps larger ones from it.
+    #[serde(default)]
+    pub deploy_limit: Option<u64>,
     pub modules: Vec<ModuleStatus>,
 }
 

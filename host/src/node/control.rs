@@ -48,7 +48,27 @@ pub(super) async fn answer(shared: Arc<Shared>, context: Arc<Context>, mut deliv
                 .unwrap_or_default()
                 .to_owned();
             let body = std::mem::take(&mut delivery.data);
-            let outcome = deploys.take(action, &delivery.properties, body).await;
+            // While it compiles, the deployer hears that it does.
+            let (compiling, started) = tokio::sync::oneshot::channel();
+            let pending = async {
+                if started.await.is_ok() {
+                    let ack = Ack {
+                        node: shared.id.clone(),
+                        host: shared.host.clone(),
+                        order: order.clone(),
+                        accepted: false,
+                        pending: true,
+                        version: None,
+                        reason: None,
+                    };
+                    let body = serde_json::to_vec(&ack).expect("an ack is always JSON");
+                    request::answer_control_pending(&context, &delivery, Reply::json(body)).await;
+                }
+            };
+            let (outcome, ()) = tokio::join!(
+                deploys.take(action, &delivery.properties, body, compiling),
+                pending
+            );
             let ack = match outcome {
                 Ok(version) => {
                     tracing::info!(
@@ -63,6 +83,7 @@ pub(super) async fn answer(shared: Arc<Shared>, context: Arc<Context>, mut deliv
                         host: shared.host.clone(),
                         order,
                         accepted: true,
+                        pending: false,
                         version,
                         reason: None,
                     }
@@ -79,6 +100,7 @@ pub(super) async fn answer(shared: Arc<Shared>, context: Arc<Context>, mut deliv
                         host: shared.host.clone(),
                         order,
                         accepted: false,
+                        pending: false,
                         version: None,
                         reason: Some(refusal.to_string()),
                     }
@@ -115,6 +137,10 @@ fn status(shared: &Shared) -> NodeStatus {
         instances: shared.instances,
         running: *shared.stats.running().borrow(),
         takes_deploys: shared.deploys.is_some(),
+        deploy_limit: shared
+            .deploys
+            .as_ref()
+            .map(|deploys| deploys.max_size as u64),
         modules,
     }
 }

@@ -77,8 +77,16 @@ struct Record {
 }
 
 impl Deploys {
-    /// Takes the order in a control message of type `action`, or says why not.
-    pub async fn take(&self, action: Action, properties: &BasicProperties, body: Vec<u8>) -> Taken {
+    /// Takes the order in a control message of type `action`, or says why
+    /// not. `compiling` is told when the module passed every check but the
+    /// compile, which may take seconds.
+    pub async fn take(
+        &self,
+        action: Action,
+        properties: &BasicProperties,
+        body: Vec<u8>,
+        compiling: tokio::sync::oneshot::Sender<()>,
+    ) -> Taken {
         // Before anything else: a message of any size is already in memory,
         // but it costs nothing more.
         if body.len() > self.max_size {
@@ -102,7 +110,10 @@ impl Deploys {
                 })??;
         self.remember(&order.stamp.order);
         match action {
-            Action::Deploy => self.deploy(order).await.map(Some),
+            Action::Deploy => {
+                let _ = compiling.send(());
+                self.deploy(order).await.map(Some)
+            }
             Action::Undeploy => self.undeploy(order).await.map(|()| None),
         }
     }
@@ -217,6 +228,9 @@ impl Deploys {
     }
 
     async fn undeploy(&self, order: Order) -> Result<(), Refusal> {
+        if !self.dir.join(format!("{}.wasm", order.name)).exists() {
+            return Err(Refusal::NotHere(order.name));
+        }
         let record = Record {
             stamp: order.stamp.clone(),
             action: Action::Undeploy,

@@ -213,9 +213,7 @@ impl Session {
         // Orders wait in the broker, not here: twice the largest this node
         // takes, and a little for questions; the broker refuses more.
         let limit = match &shared.deploys {
-            Some(deploys) => ControlLimit::Orders {
-                max_order: (deploys.max_size as u64).saturating_mul(2) + (1 << 20),
-            },
+            Some(deploys) => ControlLimit::for_deploys(deploys.max_size as u64),
             None => ControlLimit::QuestionsOnly,
         };
         let control_queue = amqp::declare_control_queue(&control, topology, limit).await?;
@@ -400,12 +398,13 @@ impl Session {
             Ok(subscriptions::Ended::Resubscribed(stream)) => {
                 self.deliveries.insert(Source::Module(name), stream);
             }
-            Ok(subscriptions::Ended::Retire) => {
+            Ok(subscriptions::Ended::Retire(declared)) => {
                 tasks.spawn(subscriptions::retire(
                     self.connection.clone(),
                     self.context.clone(),
                     self.shared.topology.clone(),
                     name,
+                    declared,
                 ));
             }
             Err(error) => tracing::error!(module = %name, "cannot serve the module: {error:#}"),

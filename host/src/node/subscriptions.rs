@@ -9,6 +9,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use lapin::options::{
@@ -33,9 +34,17 @@ enum State {
 /// What to do once a module's subscription has ended.
 pub(super) enum Ended {
     Resubscribed(Deliveries),
-    /// Nobody here serves it any more: see [`retire`].
-    Retire,
+    /// Nobody here serves it any more: see [`retire`]. When this node last
+    /// declared its queue, if it did.
+    Retire(Option<Instant>),
 }
+
+/// How long after a quorum queue is declared it may be deleted. RabbitMQ
+/// 3.10 starts a dead-letter worker with each new quorum queue; one whose
+/// queue is deleted as it starts crashes, and after two such crashes within
+/// 5 s the broker stops supervising them and refuses every quorum queue
+/// with at-least-once dead-lettering (INTERNAL_ERROR) until it restarts.
+pub(super) const QUEUE_SETTLE: Duration = Duration::from_secs(1);
 
 pub(super) struct Subscriptions {
     node: String,
@@ -44,6 +53,8 @@ pub(super) struct Subscriptions {
     /// Consumer tags must be unique on a channel, also across resubscriptions.
     next_tag: u64,
     modules: HashMap<ModuleName, State>,
+    /// When this session last declared each module's queue.
+    declared: HashMap<ModuleName, Instant>,
     /// The unrouted and control subscriptions, with their channels.
     others: Vec<(Channel, String)>,
 }
@@ -56,6 +67,7 @@ impl Subscriptions {
             delivery_limit,
             next_tag: 0,
             modules: HashMap::new(),
+            declared: HashMap::new(),
             others: Vec::new(),
         }
     }
@@ -90,6 +102,7 @@ impl Subscriptions {
         let queue =
             amqp::declare_module_queue(&declare, &self.topology, name, self.delivery_limit).await;
         let _ = declare.close(200, "declared".into()).await;
+        self.declared.insert(name.clone(), Instant::now());
         let tag = self.tag(name.as_str());
         let deliveries = start_consuming(consume, &queue?, &tag, false).await?;
         self.modules.insert(name.clone(), State::Active { tag });
@@ -136,7 +149,9 @@ impl Subscriptions {
         name: &ModuleName,
     ) -> anyhow::Result<Ended> {
         match self.modules.remove(name) {
-            Some(State::Cancelling { come_back: false }) | None => Ok(Ended::Retire),
+            Some(State::Cancelling { come_back: false }) | None => {
+                Ok(Ended::Retire(self.declared.remove(name)))
+            }
             Some(State::Cancelling { come_back: true }) => Ok(Ended::Resubscribed(
                 self.subscribe(connection, consume, name).await?,
             )),
@@ -209,6 +224,7 @@ pub(super) async fn retire(
     context: Arc<Context>,
     topology: Topology,
     name: ModuleName,
+    declared: Option<Instant>,
 ) {
     let topology = &topology;
     let queue = topology.module_queue(&name);
@@ -249,7 +265,7 @@ pub(super) async fn retire(
                 tracing::debug!(module = %name, "other nodes still serve the module");
                 return Ok(());
             }
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
         channel
             .queue_unbind(queue.as_str().into(), topology.exchange().into(), name.as_str().into(), FieldTable::default())
@@ -262,6 +278,9 @@ pub(super) async fn retire(
         while let Some(message) = channel.basic_get(queue.as_str().into(), BasicGetOptions::default()).await? {
             request::answer_unserved(&context, &message.delivery, &name).await;
             answered += 1;
+        }
+        if let Some(declared) = declared {
+            tokio::time::sleep_until((declared + QUEUE_SETTLE).into()).await;
         }
         // Quorum queues refuse `if-unused` deletes (with a connection error),
         // so look once more just before: a node that subscribes in the

@@ -431,7 +431,16 @@ async fn an_order_far_over_a_nodes_limit_stays_in_the_broker() {
         "{}",
         deployed.stderr
     );
-    assert!(!deployed.stdout.contains(&small.id), "{}", deployed.stdout);
+    let line = deployed
+        .stdout
+        .lines()
+        .find(|line| line.starts_with(&small.id))
+        .unwrap();
+    assert!(
+        line.contains("refused") && line.contains("more than twice its deploy limit of 1 MiB"),
+        "{}",
+        deployed.stdout
+    );
     serves(&roomy, "large", Some(&version_of(&large))).await;
     serves(&small, "large", None).await;
 }

@@ -213,7 +213,11 @@ impl Spy {
                 .map(|id| id.as_str())
                 == Some(&id)
             {
-                acks.push(serde_json::from_slice(&answer.data).unwrap());
+                let ack: Ack = serde_json::from_slice(&answer.data).unwrap();
+                // A node compiling says so, then answers.
+                if !ack.pending {
+                    acks.push(ack);
+                }
             }
         }
         acks

@@ -20,6 +20,9 @@ use super::{amqp_url, brokers, guests, unique};
 /// How long a test waits for a reply that should come.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long a node may take to serve, once it has loaded its modules.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+
 pub struct TestNode {
     pub topology: Topology,
     /// Deleted when the node is dropped.
@@ -135,9 +138,20 @@ impl Setup {
         // Serving means subscribed: requests published from now on reach it.
         // The state is gone only when `serve` has returned.
         let ready = state.wait_for(|state| matches!(state, State::Serving { .. }));
-        if ready.await.is_err() {
-            serving.await.expect("the node task panicked")?;
-            anyhow::bail!("the node stopped before it served");
+        match tokio::time::timeout(START_TIMEOUT, ready).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) => {
+                serving.await.expect("the node task panicked")?;
+                anyhow::bail!("the node stopped before it served");
+            }
+            Err(_) => {
+                stop.cancel();
+                anyhow::bail!(
+                    "the node did not serve within {START_TIMEOUT:?}: is the broker up? (on \
+                     RabbitMQ 3.10, INTERNAL_ERROR on every quorum queue means rabbit_fifo_dlx_sup \
+                     is down: scripts/test restarts it)"
+                );
+            }
         }
         Ok(TestNode {
             topology,
@@ -264,6 +278,12 @@ impl Drop for Cleanup {
         let (topology, modules) = (self.topology.clone(), std::mem::take(&mut self.modules));
         // Drop cannot await, and may run inside a runtime: use a thread of its own.
         let _ = std::thread::spawn(move || {
+            // A quorum queue deleted as it is created crashes RabbitMQ 3.10's
+            // dead-letter worker, and two crashes break every such queue on
+            // the broker (see `node::subscriptions::QUEUE_SETTLE`).
+            if !modules.is_empty() {
+                std::thread::sleep(Duration::from_secs(1));
+            }
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
