@@ -1,8 +1,10 @@
 //! What a module costs by the language it is written in: its size, its
-//! compile time, and a request's instantiate-and-call time in-process (a
-//! fresh sandbox per call, as a node runs it), each against the Rust `fib`
-//! measured in the same run. The input is the smallest each module takes,
-//! so the figures are the sandbox's and the language runtime's start-up.
+//! compile time (cold, and loaded from the compile cache as a restarted node
+//! or `wasmrpc run` loads it), and a request's instantiate-and-call time
+//! in-process (a fresh sandbox per call, as a node runs it), each against the
+//! Rust `fib` measured in the same run. The input is the smallest each
+//! module takes, so the figures are the sandbox's and the language runtime's
+//! start-up.
 //!
 //! `cargo bench --bench languages` (builds the guests first; needs the
 //! toolchains `guests/build-lang` names).
@@ -32,25 +34,31 @@ fn main() -> anyhow::Result<()> {
             b"[1]",
         ),
     ];
-    let runtime = Runtime::new(&RuntimeConfig::new(1, None))?;
+    let cache = tempfile::tempdir()?;
+    let runtime = Runtime::new(&RuntimeConfig::new(1, Some(cache.path().to_owned())))?;
     let tokio = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     println!(
-        "{:<36} {:>10} {:>11} {:>14} {:>8}",
-        "module", "size KiB", "compile ms", "µs per call", "ratio"
+        "{:<36} {:>10} {:>11} {:>10} {:>14} {:>8}",
+        "module", "size KiB", "compile ms", "cached ms", "µs per call", "ratio"
     );
     let mut baseline = None;
     for (name, path, input) in modules {
         let bytes = std::fs::read(&path)?;
         let size = bytes.len() as f64 / 1024.0;
         let started = Instant::now();
-        let module = runtime.compile(&Wasm::new(bytes), &Limits::DEFAULT)?;
+        let module = runtime.compile(&Wasm::new(bytes.clone()), &Limits::DEFAULT)?;
         let compile_ms = started.elapsed().as_secs_f64() * 1e3;
+        assert!(!module.from_cache(), "{name} was cached before the run");
+        let started = Instant::now();
+        let cached = runtime.compile(&Wasm::new(bytes), &Limits::DEFAULT)?;
+        let cached_ms = started.elapsed().as_secs_f64() * 1e3;
+        assert!(cached.from_cache(), "{name} was not cached");
         let micros = per_call(&tokio, &module, input)?;
         let base = *baseline.get_or_insert(micros);
         println!(
-            "{name:<36} {size:>10.0} {compile_ms:>11.0} {micros:>14.1} {:>7.1}x",
+            "{name:<36} {size:>10.0} {compile_ms:>11.0} {cached_ms:>10.0} {micros:>14.1} {:>7.1}x",
             micros / base
         );
     }

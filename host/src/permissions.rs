@@ -7,8 +7,9 @@
 //! wrong.
 //!
 //! - A **node** declares the fleet's topology, consumes the module, unrouted
-//!   and control queues, and publishes replies (through the default
-//!   exchange, to whatever `reply_to` names). It never publishes requests.
+//!   and control queues, publishes replies (through the default exchange,
+//!   to whatever `reply_to` names), and publishes again a request that came
+//!   before its module's queue was bound (to the requests exchange).
 //! - A **caller** publishes requests for the modules it is given, and may
 //!   keep an exclusive reply queue of its own (the tutorial's) or use direct
 //!   reply-to. It can consume no module queue, and publish nothing to the
@@ -79,8 +80,15 @@ pub fn grant(role: &Role, topology: &Topology, user: &str, vhost: &str) -> Grant
                 &server_named,
             ]),
             // Alternate and dead-letter exchanges, the queues it binds,
-            // replies.
-            any(&[&unrouted, &dead, &modules, &server_named, r"amq\.default"]),
+            // replies, forwarded requests.
+            any(&[
+                &requests,
+                &unrouted,
+                &dead,
+                &modules,
+                &server_named,
+                r"amq\.default",
+            ]),
             any(&[
                 &requests,
                 &unrouted,
@@ -211,8 +219,9 @@ mod tests {
         }
         assert!(matches(&node.write, "amq.default"));
         assert!(matches(&node.write, &fib));
-        // It publishes no request, and touches no other fleet.
-        assert!(!matches(&node.write, topology.exchange()));
+        assert!(matches(&node.write, topology.exchange()));
+        // It touches no other fleet, nor the control exchange but to bind.
+        assert!(!matches(&node.write, &topology.control_exchange()));
         let other = Topology::new("team-b.rpc");
         for name in [other.exchange(), &other.control_exchange(), "team-aXrpc"] {
             assert!(!matches(&node.configure, name), "{name}");

@@ -3,14 +3,18 @@
 //! A request takes the `Arc` of its module when it arrives and holds it to
 //! the end, so the set can change under running requests: they finish on the
 //! version they started with, and new requests get the new one. Only the
-//! [`Loader`] changes the set.
+//! [`Loader`] changes the set, and it says what it changes, including what
+//! it is about to: a module being compiled for the first time is `Loading`
+//! (its requests should wait for it), and one whose file cannot be served
+//! `Failed`, with why.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
 use anyhow::Context as _;
+use tokio::sync::mpsc;
 
 use crate::manifest::Manifest;
 use crate::names::ModuleName;
@@ -68,18 +72,24 @@ impl Registry {
     }
 }
 
-/// What looking at a module's files again changed.
+/// What the loader changed, or is changing, for the node to follow.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Update {
+    /// A module that is not served has a file, and is being compiled: its
+    /// requests should wait for it rather than be answered `not_found`.
+    Loading(ModuleName),
     /// A module that was not served is now.
     Added(ModuleName),
     /// A served module has a new version (or new limits).
     Replaced(ModuleName),
     /// A served module's file is gone.
     Removed(ModuleName),
+    /// A module that is not served has a file that cannot be served; why.
+    Failed(ModuleName, String),
 }
 
-/// Brings the registry in line with the files of the modules directory.
+/// Brings the registry in line with the files of the modules directory,
+/// and tells whoever follows it what it changes.
 pub struct Loader {
     runtime: Runtime,
     dir: PathBuf,
@@ -90,6 +100,16 @@ pub struct Loader {
     /// Held while a module's files are read: whoever changes several files
     /// at once (a deploy) holds it too, so they are read together.
     directory: Arc<tokio::sync::Mutex<()>>,
+    /// Where each change goes; nowhere for a loader nobody follows.
+    updates: Option<mpsc::UnboundedSender<Update>>,
+    /// The modules not served whose files are being compiled.
+    loading: Mutex<BTreeSet<ModuleName>>,
+    /// The modules not served whose files could not be: why, and which
+    /// files those were (the same files are not tried again).
+    failed: Mutex<BTreeMap<ModuleName, (String, Option<FilesStamp>)>>,
+    /// One change to a module at a time: a deploy's install and the
+    /// watcher's look at the same module do not interleave.
+    changing: Mutex<BTreeMap<ModuleName, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl Loader {
@@ -110,13 +130,66 @@ impl Loader {
             max_reply,
             registry,
             directory: Arc::default(),
+            updates: None,
+            loading: Mutex::default(),
+            failed: Mutex::default(),
+            changing: Mutex::default(),
         }
     }
 
-    /// The lock held while a module's files are read: hold it to change
-    /// several of them as one.
-    pub fn directory(&self) -> Arc<tokio::sync::Mutex<()>> {
-        self.directory.clone()
+    /// This loader, telling `updates` each change it makes.
+    pub fn reporting_to(mut self, updates: mpsc::UnboundedSender<Update>) -> Loader {
+        self.updates = Some(updates);
+        self
+    }
+
+    /// The modules not served yet whose files are being compiled.
+    pub fn loading(&self) -> Vec<ModuleName> {
+        self.loading
+            .lock()
+            .expect("loader lock")
+            .iter()
+            .cloned()
+            .collect()
+    }
+
+    /// Whether the module `name`, not served yet, is being compiled.
+    pub fn is_loading(&self, name: &ModuleName) -> bool {
+        self.loading.lock().expect("loader lock").contains(name)
+    }
+
+    /// Why the module `name`, which has a file, is not served, if it failed
+    /// to load.
+    pub fn failure(&self, name: &ModuleName) -> Option<String> {
+        let failed = self.failed.lock().expect("loader lock");
+        failed.get(name).map(|(why, _)| why.clone())
+    }
+
+    /// Every module that failed to load, with why.
+    pub fn failures(&self) -> Vec<(ModuleName, String)> {
+        let failed = self.failed.lock().expect("loader lock");
+        failed
+            .iter()
+            .map(|(name, (why, _))| (name.clone(), why.clone()))
+            .collect()
+    }
+
+    /// The right to change module `name`, alone.
+    async fn change(&self, name: &ModuleName) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = self
+            .changing
+            .lock()
+            .expect("loader lock")
+            .entry(name.clone())
+            .or_default()
+            .clone();
+        lock.lock_owned().await
+    }
+
+    fn report(&self, update: Update) {
+        if let Some(updates) = &self.updates {
+            let _ = updates.send(update);
+        }
     }
 
     /// Loads every module in the directory, several at a time. A file that
@@ -145,7 +218,7 @@ impl Loader {
     }
 
     /// Looks at every module again: those on disk and those served.
-    pub async fn reconcile_all(&self) -> Vec<Update> {
+    pub async fn reconcile_all(&self) {
         let mut stems: BTreeSet<String> = match self.stems_on_disk() {
             Ok(stems) => stems,
             Err(error) => {
@@ -154,18 +227,16 @@ impl Loader {
             }
         };
         stems.extend(self.registry.names().iter().map(|name| name.to_string()));
-        let mut updates = Vec::new();
         for stem in stems {
-            updates.extend(self.reconcile(&stem).await);
+            self.reconcile(&stem).await;
         }
-        updates
     }
 
     /// Looks at the files of the module `stem` and updates the registry to
     /// match: loads a new or changed module, drops one whose file is gone.
     /// A file that cannot be served is refused with a warning; the version
-    /// already served, if any, keeps serving.
-    pub async fn reconcile(&self, stem: &str) -> Option<Update> {
+    /// already served, if any, keeps serving. Reports what it does.
+    pub async fn reconcile(&self, stem: &str) {
         let path = self.dir.join(format!("{stem}.wasm"));
         let name = match stem.parse::<ModuleName>() {
             Ok(name) => name,
@@ -173,51 +244,106 @@ impl Loader {
                 if path.exists() {
                     tracing::warn!(path = %path.display(), "refusing module: {invalid}");
                 }
-                return None;
+                return;
             }
         };
+        let _changing = self.change(&name).await;
         let current = self.registry.get(&name);
         if !path.exists() {
-            let removed = self.registry.remove(&name)?;
-            tracing::info!(module = %name, version = %removed.version, "module file removed: no longer serving it");
-            return Some(Update::Removed(name));
+            self.failed.lock().expect("loader lock").remove(&name);
+            if let Some(removed) = self.registry.remove(&name) {
+                tracing::info!(module = %name, version = %removed.version, "module file removed: no longer serving it");
+                self.report(Update::Removed(name));
+            }
+            return;
+        }
+        let stamp = FilesStamp::of(&path);
+        if current.is_none() {
+            let failed = self.failed.lock().expect("loader lock");
+            if let Some((_, Some(failed))) = failed.get(&name)
+                && stamp.as_ref() == Some(failed)
+            {
+                // The very files that failed already (the watcher may tell
+                // of one change twice).
+                return;
+            }
+            drop(failed);
+            self.loading
+                .lock()
+                .expect("loader lock")
+                .insert(name.clone());
+            self.report(Update::Loading(name.clone()));
         }
         let started = Instant::now();
-        match self.load(&name, &path, current.as_deref()).await {
-            Ok(None) => None,
-            Ok(Some(module)) => {
-                let limits = module.module.limits().clone();
-                let from_cache = module.module.from_cache();
-                let (module, replaced) = self.registry.insert(module);
-                tracing::info!(
+        let loaded = self.load(&name, &path, current.as_deref()).await;
+        self.loading.lock().expect("loader lock").remove(&name);
+        match loaded {
+            Ok(None) => {}
+            Ok(Some(module)) => self.insert(module, started),
+            Err(error) => match current {
+                Some(current) => tracing::warn!(
                     module = %name,
-                    version = %module.version,
-                    kind = %module.module.kind(),
-                    replaced = replaced.as_ref().map(|old| tracing::field::display(&old.version)),
-                    from_cache,
-                    elapsed_ms = started.elapsed().as_millis() as u64,
-                    time_limit = %display_millis(limits.time),
-                    memory_limit = %Bytes(limits.memory),
-                    "loaded module"
-                );
-                Some(match replaced {
-                    Some(_) => Update::Replaced(name),
-                    None => Update::Added(name),
-                })
-            }
-            Err(error) => {
-                match current {
-                    Some(current) => tracing::warn!(
-                        module = %name,
-                        path = %path.display(),
-                        "refusing the new version, version {} keeps serving: {error:#}",
-                        current.version
-                    ),
-                    None => tracing::warn!(path = %path.display(), "skipping module: {error:#}"),
+                    path = %path.display(),
+                    "refusing the new version, version {} keeps serving: {error:#}",
+                    current.version
+                ),
+                None => {
+                    tracing::warn!(path = %path.display(), "skipping module: {error:#}");
+                    let why = format!("{error:#}");
+                    self.failed
+                        .lock()
+                        .expect("loader lock")
+                        .insert(name.clone(), (why.clone(), stamp));
+                    self.report(Update::Failed(name, why));
                 }
-                None
-            }
+            },
         }
+    }
+
+    /// Changes the files of module `name` with `write`, off the async
+    /// workers and while nothing reads the directory; then, if `write`
+    /// succeeded and `compiled` is what its files now hold (a deploy
+    /// compiled it to check it), serves it at once: the watcher's look at
+    /// the files finds it served, and compiles nothing.
+    pub async fn write(
+        &self,
+        name: &ModuleName,
+        write: impl FnOnce() -> std::io::Result<()> + Send + 'static,
+        compiled: Option<LoadedModule>,
+    ) -> std::io::Result<()> {
+        // In the order `reconcile` takes them.
+        let _changing = self.change(name).await;
+        let _directory = self.directory.lock().await;
+        tokio::task::spawn_blocking(write)
+            .await
+            .unwrap_or_else(|_| Err(std::io::Error::other("the writing thread panicked")))?;
+        if let Some(module) = compiled {
+            self.insert(module, Instant::now());
+        }
+        Ok(())
+    }
+
+    fn insert(&self, module: LoadedModule, started: Instant) {
+        let name = module.name.clone();
+        let limits = module.module.limits().clone();
+        let from_cache = module.module.from_cache();
+        let (module, replaced) = self.registry.insert(module);
+        self.failed.lock().expect("loader lock").remove(&name);
+        tracing::info!(
+            module = %name,
+            version = %module.version,
+            kind = %module.module.kind(),
+            replaced = replaced.as_ref().map(|old| tracing::field::display(&old.version)),
+            from_cache,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            time_limit = %display_millis(limits.time),
+            memory_limit = %Bytes(limits.memory),
+            "loaded module"
+        );
+        self.report(match replaced {
+            Some(_) => Update::Replaced(name),
+            None => Update::Added(name),
+        });
     }
 
     /// Reads, hashes and compiles one module, with the limits of its manifest
@@ -256,6 +382,31 @@ impl Loader {
             .filter(|entry| entry.path().extension().is_some_and(|ext| ext == "wasm"))
             .filter_map(|entry| module_stem(&entry.path()))
             .collect())
+    }
+}
+
+/// Which files a module's are, as far as their metadata tells: the module's
+/// and its manifest's identity, size and modification time. A file replaced
+/// or written to has another.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct FilesStamp([Option<(u64, u64, u64, std::time::SystemTime)>; 2]);
+
+impl FilesStamp {
+    fn of(module: &Path) -> Option<FilesStamp> {
+        use std::os::unix::fs::MetadataExt as _;
+        let stamp = |path: &Path| {
+            let metadata = std::fs::metadata(path).ok()?;
+            Some((
+                metadata.dev(),
+                metadata.ino(),
+                metadata.len(),
+                metadata.modified().ok()?,
+            ))
+        };
+        Some(FilesStamp([
+            Some(stamp(module)?),
+            stamp(&module.with_extension("toml")),
+        ]))
     }
 }
 
@@ -323,8 +474,7 @@ async fn prepare(
     let runtime = runtime.clone();
     let module = tokio::task::spawn_blocking(move || runtime.compile(&wasm, &limits))
         .await
-        .context("the compiler thread panicked")?
-        .with_context(|| format!("module {name} cannot be served"))?;
+        .context("the compiler thread panicked")??;
     Ok(Some(LoadedModule {
         name: name.clone(),
         version: module.digest()[..16].to_owned(),

@@ -77,6 +77,23 @@ struct Path {
     failed: Option<(Instant, String)>,
 }
 
+/// Where a message goes: a reply through the default exchange to its
+/// `reply_to`, or a request forwarded to the requests exchange.
+#[derive(Clone, Copy, Debug)]
+struct To<'a> {
+    exchange: &'a str,
+    routing_key: &'a str,
+}
+
+impl To<'_> {
+    fn reply(reply_to: &str) -> To<'_> {
+        To {
+            exchange: "",
+            routing_key: reply_to,
+        }
+    }
+}
+
 /// Whether a message goes out with the path's broker user as its `user_id`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Vouch {
@@ -126,7 +143,7 @@ impl Replies {
         body: &[u8],
         abandon: &CancellationToken,
     ) -> Result<(), ReplyError> {
-        self.send_as(reply_to, properties, body, abandon, Vouch::No)
+        self.send_as(To::reply(reply_to), properties, body, abandon, Vouch::No)
             .await
     }
 
@@ -142,13 +159,31 @@ impl Replies {
         body: &[u8],
         abandon: &CancellationToken,
     ) -> Result<(), ReplyError> {
-        self.send_as(reply_to, properties, body, abandon, Vouch::Yes)
+        self.send_as(To::reply(reply_to), properties, body, abandon, Vouch::Yes)
             .await
+    }
+
+    /// Publishes a request again, to `exchange` with `routing_key`, with
+    /// publisher confirms as a reply: a request that reached the node before
+    /// its module's queue was bound goes to that queue.
+    pub async fn forward(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        properties: BasicProperties,
+        body: &[u8],
+        abandon: &CancellationToken,
+    ) -> Result<(), ReplyError> {
+        let to = To {
+            exchange,
+            routing_key,
+        };
+        self.send_as(to, properties, body, abandon, Vouch::No).await
     }
 
     async fn send_as(
         &self,
-        reply_to: &str,
+        to: To<'_>,
         properties: BasicProperties,
         body: &[u8],
         abandon: &CancellationToken,
@@ -163,10 +198,7 @@ impl Replies {
         }
         let mut pauses = nack_backoff().build();
         loop {
-            match self
-                .send_once(reply_to, &properties, body, abandon, vouch)
-                .await
-            {
+            match self.send_once(to, &properties, body, abandon, vouch).await {
                 Err(Failure::Nacked) => {
                     let Some(pause) = pauses.next() else {
                         return Err(ReplyError::Unavailable(
@@ -174,7 +206,7 @@ impl Replies {
                                 .into(),
                         ));
                     };
-                    tracing::debug!(%reply_to, "the broker nacked the reply: sending it again in {pause:?}");
+                    tracing::debug!(to = %to.routing_key, "the broker nacked the reply: sending it again in {pause:?}");
                     abandon
                         .run_until_cancelled(tokio::time::sleep(pause))
                         .await
@@ -191,7 +223,7 @@ impl Replies {
     /// for the caller; `Err` what the caller still has to deal with.
     async fn send_once(
         &self,
-        reply_to: &str,
+        to: To<'_>,
         properties: &BasicProperties,
         body: &[u8],
         abandon: &CancellationToken,
@@ -202,14 +234,14 @@ impl Replies {
                 return Ok(Err(ReplyError::Abandoned));
             };
             abandon
-                .run_until_cancelled(self.attempt(reply_to, properties, body, vouch))
+                .run_until_cancelled(self.attempt(to, properties, body, vouch))
                 .await
         };
         let generation = match first {
             None => return Ok(Err(ReplyError::Abandoned)),
             Some(Ok(())) => return Ok(Ok(())),
             Some(Err(Failure::Failed(error, generation))) => {
-                tracing::debug!(%reply_to, "reply failed, sending it again alone: {error}");
+                tracing::debug!(to = %to.routing_key, "reply failed, sending it again alone: {error}");
                 generation
             }
             Some(Err(other)) => return Err(other),
@@ -219,7 +251,7 @@ impl Replies {
             return Ok(Err(ReplyError::Abandoned));
         };
         match abandon
-            .run_until_cancelled(self.attempt(reply_to, properties, body, vouch))
+            .run_until_cancelled(self.attempt(to, properties, body, vouch))
             .await
         {
             None => Ok(Err(ReplyError::Abandoned)),
@@ -257,7 +289,7 @@ impl Replies {
 
     async fn attempt(
         &self,
-        reply_to: &str,
+        to: To<'_>,
         properties: &BasicProperties,
         body: &[u8],
         vouch: Vouch,
@@ -271,8 +303,8 @@ impl Replies {
         }
         let confirm = channel
             .basic_publish(
-                "".into(),
-                reply_to.into(),
+                to.exchange.into(),
+                to.routing_key.into(),
                 BasicPublishOptions::default(),
                 body,
                 properties,

@@ -34,8 +34,8 @@ use crate::stats::Stats;
 use crate::trace::TraceParent;
 use crate::wire::{
     ACQUIRED_COUNT_HEADER, APP_ID, DEADLINE_HEADER, DEFAULT_CONTENT_TYPE, DELIVERY_COUNT_HEADER,
-    ERROR_CONTENT_TYPE, ERROR_HEADER, ErrorKind, TIMEOUT_HEADER, TRACEPARENT_HEADER,
-    TRACESTATE_HEADER, VERSION_HEADER, unix_time,
+    ERROR_CONTENT_TYPE, ERROR_HEADER, ErrorKind, FORWARDS_HEADER, TIMEOUT_HEADER,
+    TRACEPARENT_HEADER, TRACESTATE_HEADER, VERSION_HEADER, unix_time,
 };
 
 /// What a request task may use of the node.
@@ -51,6 +51,8 @@ pub(crate) struct Context {
     pub delivery_limit: u32,
     /// Where poison requests go, for the message that says so.
     pub dead_queue: String,
+    /// Where requests are published, for one forwarded to its module.
+    pub requests_exchange: String,
     /// Cancelled when the node begins to shut down.
     pub stopping: CancellationToken,
     /// Cancelled when the broker session the deliveries came on is lost:
@@ -165,6 +167,12 @@ pub(crate) enum Target {
     Module(Arc<LoadedModule>),
     /// No module queue took it: it came through the alternate exchange.
     Unrouted,
+    /// It came through the alternate exchange before its module's queue was
+    /// bound (the module was being loaded): it goes to that queue now.
+    Forward(ModuleName),
+    /// It came through the alternate exchange for a module whose file this
+    /// node could not load, and why.
+    Failed(ModuleName, String),
 }
 
 /// What the broker is told about a delivery once its reply is out.
@@ -275,7 +283,7 @@ async fn handle_in_span(
             }
             Some(module.name.clone())
         }
-        Target::Unrouted => None,
+        Target::Unrouted | Target::Forward(_) | Target::Failed(..) => None,
     };
     if delivery.properties.reply_to().is_none() {
         tracing::warn!("dropping request without reply_to: there is nobody to answer");
@@ -289,6 +297,15 @@ async fn handle_in_span(
             settlement: Settlement::Ack,
             ran: None,
         },
+        Target::Failed(name, why) => Outcome {
+            reply: load_failed(&name, &why),
+            settlement: Settlement::Ack,
+            ran: None,
+        },
+        Target::Forward(name) => {
+            forward(context, &delivery, &name).await;
+            return;
+        }
         Target::Module(module) => match run_module(context, module, &delivery, received).await {
             Some(outcome) => outcome,
             None => return,
@@ -542,19 +559,99 @@ async fn answer(
     }
 }
 
-/// Answers `not_found` to a request left in the queue of a module no node
-/// serves any more (see `node::subscriptions::retire`), and settles it.
-pub(crate) async fn answer_unserved(context: &Context, delivery: &Delivery, name: &ModuleName) {
-    let reply = Reply::error(
-        ErrorKind::NotFound,
-        format!("no node serves module {:?} any more", name.as_str()),
-    );
+/// Answers a request left in the queue of a module no node serves (see
+/// `node::subscriptions::retire`): `not_found`, or `load_failed` with
+/// `failure`, why this node could not load it. Settles it.
+pub(crate) async fn answer_unserved(
+    context: &Context,
+    delivery: &Delivery,
+    name: &ModuleName,
+    failure: Option<&str>,
+) {
+    let reply = match failure {
+        None => Reply::error(
+            ErrorKind::NotFound,
+            format!("no node serves module {:?} any more", name.as_str()),
+        ),
+        Some(why) => load_failed(name, why),
+    };
+    let kind = reply.error;
     if answer(context, delivery, reply, Settlement::Ack)
         .await
         .is_some()
     {
-        context.metrics.answered(name, Some(ErrorKind::NotFound));
+        // A module that never loaded is counted with the unrouted requests.
+        let module = failure.is_none().then_some(name);
+        count(context, module, kind);
     }
+}
+
+/// How many times one request is forwarded to its module's queue before it
+/// is answered `not_found`: a queue is bound within milliseconds of its
+/// module's file appearing, and a request comes back through the alternate
+/// exchange only while it is not.
+const MAX_FORWARDS: u64 = 20;
+
+/// Publishes a request that came through the alternate exchange to the
+/// requests exchange again, where its module's queue is bound (or is about
+/// to be: the module is loading), then acks it; hands it back if that fails.
+async fn forward(context: &Context, delivery: &Delivery, name: &ModuleName) {
+    let headers = delivery.properties.headers().clone().unwrap_or_default();
+    let forwards = header_u64(Some(&headers), FORWARDS_HEADER)
+        .ok()
+        .flatten()
+        .unwrap_or(0);
+    if forwards >= MAX_FORWARDS {
+        let reply = Reply::error(
+            ErrorKind::NotFound,
+            format!(
+                "module {:?} is loading on a node that could not bind its queue",
+                name.as_str()
+            ),
+        );
+        if answer(context, delivery, reply, Settlement::Ack)
+            .await
+            .is_some()
+        {
+            count(context, None, Some(ErrorKind::NotFound));
+        }
+        return;
+    }
+    let mut headers = headers;
+    headers.insert(
+        FORWARDS_HEADER.into(),
+        AMQPValue::LongLongInt(forwards as i64 + 1),
+    );
+    let forwarded = context
+        .replies
+        .forward(
+            &context.requests_exchange,
+            name.as_str(),
+            delivery.properties.clone().with_headers(headers),
+            &delivery.data,
+            &context.lost,
+        )
+        .await;
+    match forwarded {
+        Ok(()) => {
+            tracing::debug!("came before its module's queue was bound: forwarded there");
+            settle(context, delivery, Settlement::Ack).await;
+        }
+        Err(ReplyError::Abandoned) => {}
+        Err(error) => {
+            tracing::warn!("cannot forward a request to its module's queue: {error}");
+            settle(context, delivery, Settlement::Requeue).await;
+        }
+    }
+}
+
+/// The answer to a request for a module that this node could not load, and
+/// that no node serves.
+fn load_failed(name: &ModuleName, why: &str) -> Reply {
+    Reply::error(
+        ErrorKind::LoadFailed,
+        format!("module {:?} could not be loaded: {why}", name.as_str()),
+    )
 }
 
 /// Hands a delivery back to its queue unhandled.

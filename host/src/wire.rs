@@ -49,6 +49,10 @@ pub const TRACEPARENT_HEADER: &str = "traceparent";
 /// it back unchanged.
 pub const TRACESTATE_HEADER: &str = "tracestate";
 
+/// Set by a node on a request it forwards to its module's queue (one that
+/// came before the queue was bound): how many times it was.
+pub const FORWARDS_HEADER: &str = "x-wasmrpc-forwards";
+
 /// The `app_id` of every reply.
 pub const APP_ID: &str = "wasmrpc";
 
@@ -206,10 +210,13 @@ pub enum ErrorKind {
     /// Nodes took the request several times and stopped before replying
     /// each time; it was set aside in the dead-letter queue instead of run again.
     Poison,
+    /// The module's file is there, but it could not be loaded (it is not a
+    /// module, does not compile, has a bad manifest), and no node serves it.
+    LoadFailed,
 }
 
 impl ErrorKind {
-    pub const ALL: [ErrorKind; 10] = [
+    pub const ALL: [ErrorKind; 11] = [
         ErrorKind::BadRequest,
         ErrorKind::NotFound,
         ErrorKind::GuestError,
@@ -220,6 +227,7 @@ impl ErrorKind {
         ErrorKind::TooLarge,
         ErrorKind::Internal,
         ErrorKind::Poison,
+        ErrorKind::LoadFailed,
     ];
 
     /// The value of [`ERROR_HEADER`] for this kind.
@@ -235,6 +243,7 @@ impl ErrorKind {
             ErrorKind::TooLarge => "too_large",
             ErrorKind::Internal => "internal",
             ErrorKind::Poison => "poison",
+            ErrorKind::LoadFailed => "load_failed",
         }
     }
 

@@ -250,11 +250,23 @@ async fn a_removed_module_is_no_longer_served_and_its_queue_goes_with_the_last_n
         ..Default::default()
     };
     let queue = node.topology.module_queue(&"spin".parse().unwrap());
-    let declared = raw
-        .channel
-        .queue_declare(queue.as_str().into(), passive, Default::default())
-        .await;
-    assert!(declared.is_err(), "queue {queue} is still there");
+    let started = Instant::now();
+    loop {
+        let declared = raw
+            .channel
+            .queue_declare(queue.as_str().into(), passive, Default::default())
+            .await;
+        if declared.is_err() {
+            break;
+        }
+        // A queue is never deleted within a second of being declared
+        // (`node::subscriptions::QUEUE_SETTLE`).
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "queue {queue} is still there"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

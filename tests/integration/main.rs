@@ -21,6 +21,7 @@ mod http;
 mod languages;
 mod limits;
 mod live;
+mod loading;
 mod local_run;
 mod logs;
 mod modules;

@@ -1,5 +1,6 @@
 //! What a node makes of its modules directory: it serves what it can and
-//! skips, with a log line, what it cannot, without refusing to start.
+//! skips, with a log line, what it cannot, without refusing to start; a call
+//! of a module it could not load is told why.
 
 use wasmrpc::names::ModuleName;
 
@@ -44,22 +45,36 @@ async fn files_that_cannot_be_served_are_skipped_and_the_rest_served() {
     let mut client = RawClient::connect().await;
     let reply = client.call(node.exchange(), "fib", b"12").await;
     assert_eq!(body(&reply), "144");
-    for module in [
-        "text",
-        "empty",
-        "core",
-        "nothing",
-        "wrongtype",
-        "imports",
-        "badmanifest",
+    for (module, why) in [
+        ("text", "not a wasm binary"),
+        ("empty", "not a wasm binary"),
+        ("core", "not a WASI preview 1 program"),
+        ("nothing", "exports neither"),
+        (
+            "wrongtype",
+            "does not implement the wasmrpc:compute/module world",
+        ),
+        ("imports", "exports neither"),
+        ("badmanifest", "invalid manifest"),
     ] {
         let reply = client.call(node.exchange(), module, b"1").await;
+        let message = body(&reply);
         assert_eq!(
             error_header(&reply).as_deref(),
-            Some("not_found"),
-            "{module}"
+            Some("load_failed"),
+            "{module}: {message}"
+        );
+        assert!(
+            message.starts_with(&format!("module {module:?} could not be loaded: "))
+                && message.contains(why),
+            "{module}: {message}"
         );
     }
+    // A name no file has is not found; one no module may have is refused.
+    let reply = client.call(node.exchange(), "nosuch", b"1").await;
+    assert_eq!(error_header(&reply).as_deref(), Some("not_found"));
+    let reply = client.call(node.exchange(), "Bad.Name", b"1").await;
+    assert_eq!(error_header(&reply).as_deref(), Some("bad_request"));
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -70,6 +85,8 @@ async fn a_node_with_no_module_to_serve_still_answers_not_found() {
         .await;
     assert!(node.modules().is_empty());
     let mut client = RawClient::connect().await;
-    let reply = client.call(node.exchange(), "text", b"1").await;
+    let reply = client.call(node.exchange(), "fib", b"1").await;
     assert_eq!(error_header(&reply).as_deref(), Some("not_found"));
+    let reply = client.call(node.exchange(), "text", b"1").await;
+    assert_eq!(error_header(&reply).as_deref(), Some("load_failed"));
 }

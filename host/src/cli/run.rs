@@ -62,7 +62,9 @@ pub(super) async fn run(args: RunArgs) -> Result<(), Failure> {
     // No broker stands between: nothing lowers the reply limit below the module's.
     let module = registry::load_file(&runtime, &name, &args.file, &limits, usize::MAX, None)
         .await
-        .map_err(Failure::Usage)?
+        .map_err(|error| {
+            Failure::Usage(error.context(format!("{} cannot be run", args.file.display())))
+        })?
         .expect("a first load always loads");
     match module.module.call(&input, None).await {
         Ok(output) => print_body(&output, args.raw),

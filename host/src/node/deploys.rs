@@ -28,9 +28,10 @@ use crate::deploy::{self, Action, Order, Refusal, Stamp, TrustedKeys};
 use crate::files::Transaction;
 use crate::manifest::Manifest;
 use crate::names::ModuleName;
-use crate::registry;
+use crate::registry::{self, LoadedModule, Loader};
 use crate::runtime::{Limits, Runtime, Wasm};
 use crate::units::Bytes;
+use crate::wire::DEFAULT_CONTENT_TYPE;
 
 /// Where a node keeps, per module, the last order it took, inside its
 /// modules directory (the loader ignores names that start with a dot).
@@ -53,9 +54,10 @@ pub(crate) struct Deploys {
     pub max_reply: usize,
     /// The largest module taken.
     pub max_size: usize,
-    /// Held by the loader while it reads a module's files, and here while
-    /// they change: the loader never reads half a deploy.
-    pub directory: Arc<tokio::sync::Mutex<()>>,
+    /// What serves the modules: it never reads half a deploy (its
+    /// directory lock is held while the files change), and it serves a
+    /// deployed module as compiled here.
+    pub loader: Arc<Loader>,
     /// One order at a time, in the order they came: no two compiles at once,
     /// and each order checked against the record the one before left.
     pub turn: tokio::sync::Mutex<()>,
@@ -187,22 +189,34 @@ impl Deploys {
         // Compiled here first: a broken module never reaches the directory,
         // and the version served keeps serving.
         let runtime = self.runtime.clone();
-        let (order, version) = tokio::task::spawn_blocking(move || {
+        let (order, compiled) = tokio::task::spawn_blocking(move || {
             let wasm = Wasm::new(order.module);
             let compiled = runtime.compile(&wasm, &limits);
-            let version = wasm.digest()[..16].to_owned();
             (
                 Order {
                     module: wasm.into_bytes(),
                     ..order
                 },
-                compiled.map(|_| version),
+                compiled,
             )
         })
         .await
         .map_err(|_| invalid("the compiler thread panicked".into()))?;
-        let version = version
+        let module = compiled
             .map_err(|error| invalid(format!("not a module this node can serve: {error:#}")))?;
+        let version = module.digest()[..16].to_owned();
+        // What the loader would make of the files: it serves this at once,
+        // and finds nothing to compile when the watcher shows it them.
+        let loaded = LoadedModule {
+            name: order.name.clone(),
+            version: version.clone(),
+            module,
+            path: self.dir.join(format!("{}.wasm", order.name)),
+            content_type: manifest
+                .content_type
+                .clone()
+                .unwrap_or_else(|| DEFAULT_CONTENT_TYPE.to_owned()),
+        };
 
         let record = Record {
             stamp: order.stamp.clone(),
@@ -211,7 +225,7 @@ impl Deploys {
         };
         let (dir, name) = (self.dir.clone(), order.name.clone());
         let record_path = self.record_path(&name);
-        self.commit(move || {
+        let write = move || {
             let mut transaction = Transaction::default();
             stage_record(&mut transaction, &record_path, &record)?;
             let manifest = dir.join(format!("{name}.toml"));
@@ -221,9 +235,11 @@ impl Deploys {
             }
             transaction.write(&dir.join(format!("{name}.wasm")), &order.module, 0o644)?;
             transaction.commit()
-        })
-        .await
-        .map_err(|error| invalid(format!("failed to write the module: {error}")))?;
+        };
+        self.loader
+            .write(&order.name, write, Some(loaded))
+            .await
+            .map_err(|error| invalid(format!("failed to write the module: {error}")))?;
         Ok(version)
     }
 
@@ -238,28 +254,18 @@ impl Deploys {
         };
         let (dir, name) = (self.dir.clone(), order.name.clone());
         let record_path = self.record_path(&name);
-        self.commit(move || {
+        let write = move || {
             let mut transaction = Transaction::default();
             stage_record(&mut transaction, &record_path, &record)?;
             // The module first: without it, a manifest serves nothing.
             transaction.remove(&dir.join(format!("{name}.wasm")));
             transaction.remove(&dir.join(format!("{name}.toml")));
             transaction.commit()
-        })
-        .await
-        .map_err(|error| Refusal::Invalid(format!("failed to remove the module: {error}")))
-    }
-
-    /// Runs `change` off the async workers while the loader cannot read
-    /// the modules directory.
-    async fn commit(
-        &self,
-        change: impl FnOnce() -> std::io::Result<()> + Send + 'static,
-    ) -> std::io::Result<()> {
-        let _directory = self.directory.lock().await;
-        tokio::task::spawn_blocking(change)
+        };
+        self.loader
+            .write(&order.name, write, None)
             .await
-            .unwrap_or_else(|_| Err(std::io::Error::other("the writing thread panicked")))
+            .map_err(|error| Refusal::Invalid(format!("failed to remove the module: {error}")))
     }
 }
 

@@ -158,6 +158,8 @@ pub(crate) struct Shared {
     pub prefetch: u16,
     pub delivery_limit: u32,
     pub registry: Arc<Registry>,
+    /// What is being loaded, and what failed to.
+    pub loader: Arc<Loader>,
     pub topology: Topology,
     pub stats: Arc<Stats>,
     pub metrics: Arc<Metrics>,
@@ -182,7 +184,8 @@ pub struct Node {
     brokers: Brokers,
     /// Module changes the loader made, for the node to follow.
     updates: mpsc::UnboundedReceiver<Update>,
-    loader: tokio::task::JoinHandle<()>,
+    /// The task that has the loader follow the watcher.
+    following: tokio::task::JoinHandle<()>,
     state: tokio::sync::watch::Sender<State>,
     _watcher: notify::RecommendedWatcher,
 }
@@ -209,13 +212,17 @@ impl Node {
         // Watch before the first scan, so nothing that changes during it is missed.
         let (watcher, changes) = watch::watch(&config.modules_dir)?;
         let registry = Arc::new(Registry::default());
-        let loader = Arc::new(Loader::new(
-            runtime.clone(),
-            &config.modules_dir,
-            config.limits.clone(),
-            config.max_message,
-            registry.clone(),
-        ));
+        let (updates_sender, updates) = mpsc::unbounded_channel();
+        let loader = Arc::new(
+            Loader::new(
+                runtime.clone(),
+                &config.modules_dir,
+                config.limits.clone(),
+                config.max_message,
+                registry.clone(),
+            )
+            .reporting_to(updates_sender),
+        );
         let deploys = config.accept_deploys.take().map(|trusted| {
             Arc::new(deploys::Deploys {
                 trusted,
@@ -225,7 +232,7 @@ impl Node {
                 limits: config.limits.clone(),
                 max_reply: config.max_message,
                 max_size: config.deploy_limit,
-                directory: loader.directory(),
+                loader: loader.clone(),
                 turn: tokio::sync::Mutex::new(()),
                 seen: Mutex::default(),
             })
@@ -237,8 +244,7 @@ impl Node {
                 "no modules to serve yet: this node answers not_found until some are added"
             );
         }
-        let (updates_sender, updates) = mpsc::unbounded_channel();
-        let loader = tokio::spawn(follow_changes(loader, changes, updates_sender));
+        let following = tokio::spawn(follow_changes(loader.clone(), changes));
         let replies = Replies::new(
             config.brokers.clone(),
             format!("wasmrpc node {id} replies"),
@@ -253,6 +259,7 @@ impl Node {
                 prefetch: config.prefetch,
                 delivery_limit: config.delivery_limit,
                 registry,
+                loader,
                 topology: Topology::new(&config.exchange),
                 stats: Arc::default(),
                 metrics: Arc::default(),
@@ -268,7 +275,7 @@ impl Node {
             }),
             brokers: config.brokers,
             updates,
-            loader,
+            following,
             state: tokio::sync::watch::Sender::new(State::Connecting),
             _watcher: watcher,
         })
@@ -356,7 +363,7 @@ impl Node {
             {
                 Ended::Shutdown => {
                     self.state.send_replace(State::Stopping);
-                    self.loader.abort();
+                    self.following.abort();
                     session.stop(&tasks).await;
                     break Ok(());
                 }
@@ -378,7 +385,7 @@ impl Node {
         };
 
         self.state.send_replace(State::Stopping);
-        self.loader.abort();
+        self.following.abort();
         // Without a session (shutdown while connecting, or a refusal) the
         // tasks left are those of lost sessions: they end at once.
         self.shared.stopping.cancel();
@@ -446,20 +453,11 @@ async fn open_session(
 
 /// Turns what the watcher saw into registry updates, one change at a time,
 /// and tells the node about each.
-async fn follow_changes(
-    loader: Arc<Loader>,
-    mut changes: mpsc::UnboundedReceiver<Change>,
-    updates: mpsc::UnboundedSender<Update>,
-) {
+async fn follow_changes(loader: Arc<Loader>, mut changes: mpsc::UnboundedReceiver<Change>) {
     while let Some(change) = changes.recv().await {
-        let found = match change {
-            Change::Module(stem) => loader.reconcile(&stem).await.into_iter().collect(),
+        match change {
+            Change::Module(stem) => loader.reconcile(&stem).await,
             Change::Everything => loader.reconcile_all().await,
-        };
-        for update in found {
-            if updates.send(update).is_err() {
-                return;
-            }
         }
     }
 }

@@ -227,6 +227,12 @@ impl Session {
             let stream = subscriptions.subscribe(connection, &consume, &name).await?;
             deliveries.insert(Source::Module(name), stream);
         }
+        // Modules still compiling: their requests wait in their queues.
+        for name in shared.loader.loading() {
+            if shared.registry.get(&name).is_none() {
+                subscriptions.prepare(connection, &name).await?;
+            }
+        }
         let context = Arc::new(Context {
             replies: shared.replies.clone(),
             stats: shared.stats.clone(),
@@ -235,6 +241,7 @@ impl Session {
             shares: shared.shares.clone(),
             delivery_limit: shared.delivery_limit,
             dead_queue: topology.dead_queue(),
+            requests_exchange: topology.exchange().to_owned(),
             stopping: shared.stopping.clone(),
             lost: CancellationToken::new(),
         });
@@ -267,6 +274,11 @@ impl Session {
         shutdown: &mut Pin<&mut impl Future<Output = ()>>,
         tasks: &TaskTracker,
     ) -> Ended {
+        // Requests for modules that failed to load while no session was
+        // open may wait in their queues: they are answered why.
+        for (name, why) in self.shared.loader.failures() {
+            self.retire(name, None, Some(why), tasks);
+        }
         loop {
             tokio::select! {
                 biased;
@@ -330,11 +342,8 @@ impl Session {
         let context = self.context.clone();
         match source {
             Source::Unrouted => {
-                tasks.spawn(request::handle(
-                    context,
-                    request::Target::Unrouted,
-                    delivery,
-                ));
+                let target = self.unrouted(&delivery);
+                tasks.spawn(request::handle(context, target, delivery));
             }
             Source::Control => {
                 tasks.spawn(control::answer(self.shared.clone(), context, delivery));
@@ -357,9 +366,57 @@ impl Session {
         }
     }
 
+    /// What to do with a request that no module queue took: a module it
+    /// serves now (its subscription is starting) it runs; one it is loading
+    /// gets it forwarded to the module's queue, bound now or in a moment;
+    /// one that failed to load is answered why; anything else is not found.
+    fn unrouted(&self, delivery: &Delivery) -> request::Target {
+        let Ok(name) = delivery.routing_key.as_str().parse::<ModuleName>() else {
+            return request::Target::Unrouted;
+        };
+        if let Some(module) = self.shared.registry.get(&name) {
+            request::Target::Module(module)
+        } else if self.subscriptions.bound(&name) || self.shared.loader.is_loading(&name) {
+            request::Target::Forward(name)
+        } else if let Some(why) = self.shared.loader.failure(&name) {
+            request::Target::Failed(name, why)
+        } else {
+            request::Target::Unrouted
+        }
+    }
+
+    /// Lets a module's queue go, if no node serves it: see
+    /// [`subscriptions::retire`].
+    fn retire(
+        &self,
+        name: ModuleName,
+        declared: Option<std::time::Instant>,
+        failure: Option<String>,
+        tasks: &TaskTracker,
+    ) {
+        tasks.spawn(subscriptions::retire(
+            self.connection.clone(),
+            self.context.clone(),
+            self.shared.topology.clone(),
+            name,
+            declared,
+            failure,
+            self.subscriptions.wanted(),
+        ));
+    }
+
     /// Follows a change the loader made to the registry.
     async fn follow(&mut self, update: Update, tasks: &TaskTracker) {
         match update {
+            Update::Loading(name) => {
+                if let Err(error) = self.subscriptions.prepare(&self.connection, &name).await {
+                    tracing::warn!(module = %name, "cannot hold the module's requests while it loads: {error:#}");
+                }
+            }
+            Update::Failed(name, why) => {
+                let declared = self.subscriptions.failed(&name);
+                self.retire(name, declared, Some(why), tasks);
+            }
             Update::Added(name) => {
                 match self
                     .subscriptions
@@ -398,15 +455,7 @@ impl Session {
             Ok(subscriptions::Ended::Resubscribed(stream)) => {
                 self.deliveries.insert(Source::Module(name), stream);
             }
-            Ok(subscriptions::Ended::Retire(declared)) => {
-                tasks.spawn(subscriptions::retire(
-                    self.connection.clone(),
-                    self.context.clone(),
-                    self.shared.topology.clone(),
-                    name,
-                    declared,
-                ));
-            }
+            Ok(subscriptions::Ended::Retire(declared)) => self.retire(name, declared, None, tasks),
             Err(error) => tracing::error!(module = %name, "cannot serve the module: {error:#}"),
         }
     }

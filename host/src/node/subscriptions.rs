@@ -27,9 +27,19 @@ use crate::request::{self, Context};
 use crate::wire::Topology;
 
 enum State {
-    Active { tag: String },
-    Cancelling { come_back: bool },
+    /// Its queue is declared and bound, so requests wait there, but this
+    /// node does not consume it yet: the module is being loaded.
+    Prepared,
+    Active {
+        tag: String,
+    },
+    Cancelling {
+        come_back: bool,
+    },
 }
+
+/// The modules whose queues a session wants, shared with its retirements.
+pub(super) type Wanted = Arc<std::sync::Mutex<std::collections::BTreeSet<ModuleName>>>;
 
 /// What to do once a module's subscription has ended.
 pub(super) enum Ended {
@@ -55,6 +65,9 @@ pub(super) struct Subscriptions {
     modules: HashMap<ModuleName, State>,
     /// When this session last declared each module's queue.
     declared: HashMap<ModuleName, Instant>,
+    /// The modules whose queues this session wants (prepared or consumed),
+    /// for the queues being retired meanwhile: a queue wanted again stays.
+    wanted: Wanted,
     /// The unrouted and control subscriptions, with their channels.
     others: Vec<(Channel, String)>,
 }
@@ -68,6 +81,7 @@ impl Subscriptions {
             next_tag: 0,
             modules: HashMap::new(),
             declared: HashMap::new(),
+            wanted: Wanted::default(),
             others: Vec::new(),
         }
     }
@@ -106,7 +120,68 @@ impl Subscriptions {
         let tag = self.tag(name.as_str());
         let deliveries = start_consuming(consume, &queue?, &tag, false).await?;
         self.modules.insert(name.clone(), State::Active { tag });
+        self.want(name, true);
         Ok(deliveries)
+    }
+
+    /// The module is being loaded: declares and binds its queue, so that its
+    /// requests wait there for it rather than be answered `not_found`.
+    pub async fn prepare(
+        &mut self,
+        connection: &Connection,
+        name: &ModuleName,
+    ) -> anyhow::Result<()> {
+        if self.modules.contains_key(name) {
+            return Ok(());
+        }
+        let declare = connection
+            .create_channel()
+            .await
+            .context("failed to open a channel")?;
+        let queue =
+            amqp::declare_module_queue(&declare, &self.topology, name, self.delivery_limit).await;
+        let _ = declare.close(200, "declared".into()).await;
+        queue?;
+        self.declared.insert(name.clone(), Instant::now());
+        self.modules.insert(name.clone(), State::Prepared);
+        self.want(name, true);
+        Ok(())
+    }
+
+    /// The module could not be loaded: forgets its prepared queue. Returns
+    /// when this session last declared it, for [`retire`].
+    pub fn failed(&mut self, name: &ModuleName) -> Option<Instant> {
+        match self.modules.get(name) {
+            Some(State::Prepared) | None => {
+                self.modules.remove(name);
+                self.want(name, false);
+                self.declared.remove(name)
+            }
+            Some(_) => None,
+        }
+    }
+
+    /// What [`retire`] asks before it lets a queue go.
+    pub fn wanted(&self) -> Wanted {
+        self.wanted.clone()
+    }
+
+    fn want(&self, name: &ModuleName, wanted: bool) {
+        let mut names = self.wanted.lock().expect("subscriptions lock");
+        if wanted {
+            names.insert(name.clone());
+        } else {
+            names.remove(name);
+        }
+    }
+
+    /// Whether requests for the module reach its queue through this node's
+    /// declarations: it is prepared or consumed.
+    pub fn bound(&self, name: &ModuleName) -> bool {
+        matches!(
+            self.modules.get(name),
+            Some(State::Prepared | State::Active { .. })
+        )
     }
 
     /// The module is (again) in the registry. Returns a new subscription, or
@@ -118,7 +193,9 @@ impl Subscriptions {
         name: &ModuleName,
     ) -> anyhow::Result<Option<Deliveries>> {
         match self.modules.get_mut(name) {
-            None => self.subscribe(connection, consume, name).await.map(Some),
+            None | Some(State::Prepared) => {
+                self.subscribe(connection, consume, name).await.map(Some)
+            }
             Some(State::Active { .. }) => Ok(None),
             Some(State::Cancelling { come_back }) => {
                 *come_back = true;
@@ -149,7 +226,8 @@ impl Subscriptions {
         name: &ModuleName,
     ) -> anyhow::Result<Ended> {
         match self.modules.remove(name) {
-            Some(State::Cancelling { come_back: false }) | None => {
+            Some(State::Cancelling { come_back: false } | State::Prepared) | None => {
+                self.want(name, false);
                 Ok(Ended::Retire(self.declared.remove(name)))
             }
             Some(State::Cancelling { come_back: true }) => Ok(Ended::Resubscribed(
@@ -178,7 +256,7 @@ impl Subscriptions {
     pub async fn cancel_all(&mut self, consume: &Channel) {
         let modules = self.modules.drain().filter_map(|(_, state)| match state {
             State::Active { tag } => Some((consume.clone(), tag)),
-            State::Cancelling { .. } => None,
+            State::Prepared | State::Cancelling { .. } => None,
         });
         for (channel, tag) in modules.chain(self.others.drain(..)).collect::<Vec<_>>() {
             if let Err(error) = channel
@@ -215,19 +293,27 @@ async fn start_consuming(
 
 /// The last node out turns off the lights: if no node consumes the module's
 /// queue any more, it unbinds the queue (so new requests for the module are
-/// answered `not_found` at once, through the alternate exchange), answers
-/// `not_found` to the requests still waiting in it, and deletes it. If another
-/// node subscribes meanwhile, it puts the binding back and leaves the queue.
+/// answered at once, through the alternate exchange), answers the requests
+/// still waiting in it (`not_found`, or `load_failed` with `failure`, why
+/// this node could not load the module), and deletes it. If another node
+/// subscribes meanwhile, it puts the binding back and leaves the queue.
 /// Requests this node still runs are answered: they were delivered already.
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn retire(
     connection: Arc<Connection>,
     context: Arc<Context>,
     topology: Topology,
     name: ModuleName,
     declared: Option<Instant>,
+    failure: Option<String>,
+    wanted: Wanted,
 ) {
     let topology = &topology;
     let queue = topology.module_queue(&name);
+    // A module that never loaded may have no queue at all.
+    if failure.is_some() && !queue_exists(&connection, &queue).await {
+        return;
+    }
     let binding = |channel: Channel| {
         let (queue, exchange) = (queue.clone(), topology.exchange().to_owned());
         let key = name.to_string();
@@ -254,7 +340,9 @@ pub(super) async fn retire(
                 ..QueueDeclareOptions::default()
             };
             let declared = channel.queue_declare(queue.as_str().into(), passive, FieldTable::default()).await?;
-            anyhow::Ok(declared.consumer_count() > 0)
+            // Or this node wants it again (its module is back, loading).
+            let again = wanted.lock().expect("subscriptions lock").contains(&name);
+            anyhow::Ok(declared.consumer_count() > 0 || again)
         };
         // The broker may count our cancelled consumer for a moment yet: only
         // a count that stays up means another node.
@@ -276,7 +364,7 @@ pub(super) async fn retire(
         }
         let mut answered = 0usize;
         while let Some(message) = channel.basic_get(queue.as_str().into(), BasicGetOptions::default()).await? {
-            request::answer_unserved(&context, &message.delivery, &name).await;
+            request::answer_unserved(&context, &message.delivery, &name, failure.as_deref()).await;
             answered += 1;
         }
         if let Some(declared) = declared {
@@ -298,4 +386,25 @@ pub(super) async fn retire(
     if let Err(error) = result {
         tracing::warn!(module = %name, "failed to retire the module's queue: {error:#}");
     }
+}
+
+/// Whether `queue` exists, as far as a passive declaration tells (on a
+/// channel of its own: the broker closes one that asks for a queue it does
+/// not have).
+async fn queue_exists(connection: &Connection, queue: &str) -> bool {
+    let Ok(channel) = connection.create_channel().await else {
+        return false;
+    };
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..QueueDeclareOptions::default()
+    };
+    let found = channel
+        .queue_declare(queue.into(), passive, FieldTable::default())
+        .await
+        .is_ok();
+    if found {
+        let _ = channel.close(200, "looked".into()).await;
+    }
+    found
 }

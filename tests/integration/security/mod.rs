@@ -68,7 +68,7 @@ pub struct Deployed {
 pub async fn deployer(url: &str, exchange: &str, keys: &Keys, args: &[&str]) -> Deployed {
     let key = keys.secret();
     let mut args = args.to_vec();
-    args.extend(["--key", key.to_str().unwrap(), "--wait", "10s"]);
+    args.extend(["--key", key.to_str().unwrap(), "--wait", "60s"]);
     let mut command = wasmrpc(exchange, &args);
     command.env("AMQP_URL", url);
     let output = run(command).await;
