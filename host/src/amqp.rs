@@ -8,7 +8,10 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::options::{
+    ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
+};
 use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::uri::{AMQPUri, SASLMechanism};
@@ -23,6 +26,10 @@ pub const DEFAULT_URL: &str = "amqp://127.0.0.1:5672/%2f";
 /// The reply code of a channel the broker closed over a request that
 /// contradicts what exists (`inequivalent arg`), or a message it refuses.
 pub const PRECONDITION_FAILED: u16 = 406;
+
+/// The reply code of a channel the broker closed over a queue or exchange
+/// it does not have.
+pub const NOT_FOUND: u16 = 404;
 
 /// How long to wait for the broker to accept a connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -309,10 +316,66 @@ pub async fn declare_topology(connection: &Connection, topology: &Topology) -> a
     declare_replicated_queue(connection, &queue, arguments).await?;
     bind(&channel, &queue, &unrouted, "").await?;
     let queue = topology.dead_queue();
-    declare_replicated_queue(connection, &queue, FieldTable::default()).await?;
+    declare_dead_queue(connection, &queue).await?;
     bind(&channel, &queue, &dead, "").await?;
     let _ = channel.close(200, "declared".into()).await;
     Ok(())
+}
+
+/// The most the dead-letter queue keeps: past either, its oldest letters
+/// go; and no letter stays longer than a week.
+pub const DEAD_MAX_LETTERS: u32 = 10_000;
+pub const DEAD_MAX_BYTES: u32 = 256 << 20;
+pub const DEAD_TTL_MS: u32 = 7 * 24 * 3600 * 1000;
+
+/// Declares the dead-letter queue, bounded by [`DEAD_MAX_LETTERS`],
+/// [`DEAD_MAX_BYTES`] and [`DEAD_TTL_MS`]. One declared without them by an
+/// earlier wasmrpc is used as it is, with a warning that says how to bound
+/// it with a policy (its arguments cannot change).
+async fn declare_dead_queue(connection: &Connection, queue: &str) -> anyhow::Result<()> {
+    let mut arguments = FieldTable::default();
+    arguments.insert("x-queue-type".into(), string("quorum"));
+    arguments.insert("x-max-length".into(), AMQPValue::LongUInt(DEAD_MAX_LETTERS));
+    arguments.insert(
+        "x-max-length-bytes".into(),
+        AMQPValue::LongUInt(DEAD_MAX_BYTES),
+    );
+    arguments.insert("x-message-ttl".into(), AMQPValue::LongUInt(DEAD_TTL_MS));
+    arguments.insert("x-overflow".into(), string("drop-head"));
+    let channel = connection
+        .create_channel()
+        .await
+        .context("failed to open a channel")?;
+    match declare_queue(&channel, queue, arguments).await {
+        Ok(()) => {
+            let _ = channel.close(200, "declared".into()).await;
+            Ok(())
+        }
+        Err(error) if lapin_cause(&error).and_then(reply_code) == Some(PRECONDITION_FAILED) => {
+            let channel = connection
+                .create_channel()
+                .await
+                .context("failed to open a channel")?;
+            let passive = QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            };
+            channel
+                .queue_declare(queue.into(), passive, FieldTable::default())
+                .await
+                .with_context(|| format!("failed to declare queue {queue:?}"))?;
+            let _ = channel.close(200, "declared".into()).await;
+            let pattern = format!("^{}$", queue.replace('.', "\\."));
+            tracing::warn!(
+                "queue {queue:?} was declared by an earlier wasmrpc without a bound: it keeps \
+                 every dead letter. Bound it with a policy: rabbitmqctl set_policy --apply-to \
+                 queues wasmrpc-dead '{pattern}' \
+                 '{{\"max-length\":{DEAD_MAX_LETTERS},\"max-length-bytes\":{DEAD_MAX_BYTES},\"message-ttl\":{DEAD_TTL_MS}}}'"
+            );
+            Ok(())
+        }
+        Err(error) => Err(error),
+    }
 }
 
 /// Declares the exchange callers publish requests to: a topic exchange, so
@@ -564,6 +627,87 @@ async fn declare_queue(
 
 fn string(value: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(value))
+}
+
+/// What deleting one queue or exchange came to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Deleted {
+    /// A queue deleted, with the messages it held.
+    Queue {
+        name: String,
+        messages: u32,
+    },
+    Exchange(String),
+    /// A queue that was not there.
+    Absent(String),
+}
+
+/// Deletes everything a fleet on `topology` declared: the queues of
+/// `modules` (a queue's name says nothing of which modules had one, so they
+/// are named), the unrouted and dead-letter queues and the four exchanges.
+/// Each on a channel of its own: the broker closes one that names a queue it
+/// does not have.
+pub async fn delete_topology(
+    connection: &Connection,
+    topology: &Topology,
+    modules: &[ModuleName],
+) -> anyhow::Result<Vec<Deleted>> {
+    let queues = modules
+        .iter()
+        .map(|module| topology.module_queue(module))
+        .chain([topology.unrouted_queue(), topology.dead_queue()]);
+    let mut deleted = Vec::new();
+    for queue in queues {
+        let channel = connection
+            .create_channel()
+            .await
+            .context("failed to open a channel")?;
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::default()
+        };
+        let found = channel
+            .queue_declare(queue.as_str().into(), passive, FieldTable::default())
+            .await;
+        match found {
+            Ok(_) => {
+                let messages = channel
+                    .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+                    .await
+                    .with_context(|| format!("failed to delete queue {queue:?}"))?;
+                let _ = channel.close(200, "deleted".into()).await;
+                deleted.push(Deleted::Queue {
+                    name: queue,
+                    messages,
+                });
+            }
+            Err(error) if reply_code(&error) == Some(NOT_FOUND) => {
+                deleted.push(Deleted::Absent(queue));
+            }
+            Err(error) => {
+                return Err(error).with_context(|| format!("failed to look for queue {queue:?}"));
+            }
+        }
+    }
+    let exchanges = [
+        topology.exchange().to_owned(),
+        topology.unrouted_exchange(),
+        topology.dead_exchange(),
+        topology.control_exchange(),
+    ];
+    for exchange in exchanges {
+        let channel = connection
+            .create_channel()
+            .await
+            .context("failed to open a channel")?;
+        channel
+            .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+            .await
+            .with_context(|| format!("failed to delete exchange {exchange:?}"))?;
+        let _ = channel.close(200, "deleted".into()).await;
+        deleted.push(Deleted::Exchange(exchange));
+    }
+    Ok(deleted)
 }
 
 /// The value of an integer header, whichever AMQP integer type carries it

@@ -9,6 +9,7 @@ pub mod amqp;
 pub mod bench;
 pub mod cli;
 pub mod client;
+pub mod dead;
 pub mod deploy;
 pub mod files;
 pub mod http;

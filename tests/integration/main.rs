@@ -26,6 +26,7 @@ mod local_run;
 mod logs;
 mod modules;
 mod new;
+mod operator;
 mod poison;
 mod process;
 mod programs;

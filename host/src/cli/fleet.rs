@@ -160,7 +160,7 @@ pub(super) fn table(header: &[&str], rows: impl Iterator<Item = Vec<String>>) ->
 }
 
 /// `3d04h`, `1h02m`, `5m07s`, `12s`.
-fn uptime(ms: u64) -> String {
+pub(super) fn uptime(ms: u64) -> String {
     let s = ms / 1000;
     let (d, h, m) = (s / 86_400, s / 3600 % 24, s / 60 % 60);
     match (d, h, m) {

@@ -11,6 +11,7 @@
 mod bench;
 mod call;
 mod completions;
+mod dead;
 mod deploy;
 mod fleet;
 mod health;
@@ -18,6 +19,7 @@ mod new;
 mod permissions;
 mod run;
 mod serve;
+mod topology;
 
 use std::io::{IsTerminal as _, Read as _};
 use std::process::ExitCode;
@@ -110,6 +112,8 @@ enum Command {
     Deploy(deploy::DeployArgs),
     Undeploy(deploy::UndeployArgs),
     BrokerPermissions(permissions::PermissionsArgs),
+    Dead(dead::DeadArgs),
+    Topology(topology::TopologyArgs),
     Completions(completions::CompletionsArgs),
 }
 
@@ -191,6 +195,8 @@ fn dispatch(command: Command, global: &Global) -> Result<(), Failure> {
         Command::Deploy(args) => block_on(deploy::deploy(args, global)),
         Command::Undeploy(args) => block_on(deploy::undeploy(args, global)),
         Command::BrokerPermissions(args) => permissions::run(args, global),
+        Command::Dead(args) => block_on(dead::run(args, global)),
+        Command::Topology(args) => block_on(topology::run(args, global)),
         Command::Completions(args) => completions::run(args),
     }
 }
