@@ -326,3 +326,20 @@ async fn completions_are_printed_for_each_shell() {
     let output = run(wasmrpc("unused", &["completions", "tcsh"])).await;
     assert_eq!(output.status.code(), Some(2));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn serve_without_its_modules_directory_says_how_to_fix_it() {
+    let missing = tempfile::tempdir().unwrap().path().join("modules");
+    let output = run(wasmrpc(
+        &unique("nodir"),
+        &["serve", "--modules", missing.to_str().unwrap()],
+    ))
+    .await;
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = text(&output.stderr);
+    assert!(
+        stderr.contains("does not exist")
+            && stderr.contains(&format!("mkdir -p {}", missing.display())),
+        "{stderr}"
+    );
+}

@@ -122,11 +122,7 @@ async fn the_dead_letter_queue_tells_expired_calls_from_poison_and_is_bounded() 
         .map(|letter| letter["reason"].as_str().unwrap())
         .collect();
     reasons.sort();
-    assert_eq!(
-        reasons,
-        ["expired", "rejected", "rejected"],
-        "{letters:#?}"
-    );
+    assert_eq!(reasons, ["expired", "rejected", "rejected"], "{letters:#?}");
     assert!(letters.iter().all(|letter| letter["module"] == "fib"));
     // The table says the same, for people.
     let output = run(wasmrpc(node.exchange(), &["dead"])).await;

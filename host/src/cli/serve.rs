@@ -174,6 +174,18 @@ pub(super) fn run(args: ServeArgs, global: &Global) -> Result<(), Failure> {
     survive_the_file_size_limit();
     let http = args.http;
     let config = config(args, global)?;
+    let dir = &config.modules_dir;
+    if !dir.is_dir() {
+        let shown = dir.display();
+        return Err(Failure::Usage(anyhow::anyhow!(if dir.exists() {
+            format!("the modules directory {shown} is not a directory: give one with --modules")
+        } else {
+            format!(
+                "the modules directory {shown} does not exist: create it (`mkdir -p {shown}`) \
+                 for a node that serves nothing yet, or give another with --modules (WASMRPC_MODULES)"
+            )
+        })));
+    }
     // Guests compute on at most `concurrency` workers; one more keeps the
     // broker connections flowing whatever the guests do.
     let runtime = runtime(Some(config.concurrency as usize + 1))?;
