@@ -269,6 +269,14 @@ async fn ping_and_modules_list_the_live_nodes_and_what_they_serve() {
         }
         fib_calls += node.modules[0].calls;
         assert!(node.uptime_ms < 60_000 && !node.host.is_empty());
+        // Named as the flags name them: --concurrency, and 4 times as many
+        // instances.
+        let concurrency = wasmrpc::node::default_concurrency();
+        assert_eq!(
+            (node.concurrency, node.instances),
+            (concurrency, 4 * concurrency)
+        );
+        assert!(!node.takes_deploys && node.deploy_limit.is_none());
     }
     assert_eq!(
         fib_calls, 3,
@@ -342,4 +350,25 @@ async fn serve_without_its_modules_directory_says_how_to_fix_it() {
             && stderr.contains(&format!("mkdir -p {}", missing.display())),
         "{stderr}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn help_gives_each_subcommand_its_own_line_and_the_usual_short_flags() {
+    let output = run(wasmrpc("unused", &["--help"])).await;
+    let help = text(&output.stdout);
+    let line = |command: &str| {
+        help.lines()
+            .find(|line| line.trim_start().starts_with(&format!("{command} ")))
+            .unwrap_or_else(|| panic!("no {command} in\n{help}"))
+            .split_once(command)
+            .unwrap()
+            .1
+            .trim()
+            .to_owned()
+    };
+    assert_ne!(line("ping"), line("modules"), "{help}");
+    let bench = text(&run(wasmrpc("unused", &["bench", "--help"])).await.stdout);
+    for flag in ["-n, --requests", "-c, --concurrency", "-d, --duration"] {
+        assert!(bench.contains(flag), "{flag} in\n{bench}");
+    }
 }

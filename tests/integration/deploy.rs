@@ -255,3 +255,105 @@ async fn undeploy_takes_a_module_off_every_node() {
     .await;
     assert_eq!(output.status.code(), Some(3), "{}", text(&output.stderr));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn deploy_says_who_still_compiles_and_refuses_what_is_in_the_wrong_place() {
+    let fleet = fleet().await;
+    let dir = tempfile::tempdir().unwrap();
+
+    // A public key where the secret one belongs.
+    let fib = write(
+        dir.path(),
+        "fibd.wasm",
+        std::fs::read(guests::wasm("fib")).unwrap(),
+    );
+    let public = fleet.keys.path().join("trusted.key.pub");
+    let output = run(wasmrpc(
+        &fleet.exchange,
+        &["deploy", &fib, "--key", public.to_str().unwrap()],
+    ))
+    .await;
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        text(&output.stderr).contains("is a public key: sign with the secret key"),
+        "{}",
+        text(&output.stderr)
+    );
+
+    // An undeploy of a module the nodes do not have.
+    let (code, stdout, stderr) = fleet.wasmrpc(&["undeploy", "nosuch"], "trusted").await;
+    assert_eq!(code, Some(1), "{stdout}{stderr}");
+    assert_eq!(
+        stdout.matches("this node has no module nosuch").count(),
+        2,
+        "{stdout}"
+    );
+
+    // A module that takes seconds to compile, with a wait shorter than that:
+    // each node says it is compiling, and deploy says so. (These nodes take
+    // modules as large as a Python one.)
+    let trusted = TrustedKeys::read(&fleet.keys.path().join("trusted.key.pub")).unwrap();
+    let exchange = unique("compiling");
+    let taker = || {
+        let trusted = trusted.clone();
+        TestNode::setup(&[])
+            .exchange(&exchange)
+            .config(move |config| config.accept_deploys = Some(trusted))
+            .start()
+    };
+    let takers = [taker().await, taker().await];
+    let pyfib = write(
+        dir.path(),
+        "pyfib.wasm",
+        std::fs::read(guests::lang("pyfib")).unwrap(),
+    );
+    let key = fleet.keys.path().join("trusted.key");
+    let started = Instant::now();
+    let output = run(wasmrpc(
+        &exchange,
+        &[
+            "deploy",
+            &pyfib,
+            "--key",
+            key.to_str().unwrap(),
+            "--wait",
+            "1s",
+        ],
+    ))
+    .await;
+    let (stdout, stderr) = (text(&output.stdout), text(&output.stderr));
+    assert_eq!(output.status.code(), Some(3), "{stdout}{stderr}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    let compiling = stdout
+        .lines()
+        .filter(|line| line.contains("compiling  still compiling the module"))
+        .count();
+    assert_eq!(compiling, 2, "{stdout}");
+    assert!(
+        stderr.contains(
+            "2 of 2 nodes did not finish the deploy of pyfib within 1.0 s (2 still compiling it)"
+        ),
+        "{stderr}"
+    );
+    // They took it once compiled.
+    let version = version_of(&std::fs::read(&pyfib).unwrap());
+    let started = Instant::now();
+    for node in &takers {
+        while node
+            .registry
+            .get(&"pyfib".parse().unwrap())
+            .map(|module| module.version.clone())
+            != Some(version.clone())
+        {
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "pyfib never served"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}

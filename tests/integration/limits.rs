@@ -306,5 +306,23 @@ async fn malformed_deadline_headers_are_bad_requests() {
             "{name} = {value:?}"
         );
         assert!(body(&reply).contains(name), "{}", body(&reply));
+        // The value as its sender wrote it, not as an AMQP type.
+        assert!(!body(&reply).contains("LongString"), "{}", body(&reply));
     }
+    let properties = with_headers(
+        &client,
+        "abc",
+        &[(
+            "x-timeout-ms",
+            AMQPValue::LongString(LongString::from("abc")),
+        )],
+    );
+    client
+        .publish(node.exchange(), "fib", b"10", properties)
+        .await;
+    let reply = client.next_reply(Duration::from_secs(10)).await.unwrap();
+    assert_eq!(
+        body(&reply),
+        "fib: header x-timeout-ms must be a non-negative integer, got \"abc\""
+    );
 }

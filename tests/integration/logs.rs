@@ -91,3 +91,40 @@ async fn json_lines_carry_the_request_fields() {
     }
     assert_eq!(traces.len(), 4, "a trace per call: {lines:?}");
 }
+
+/// Each field of the JSON lines has one type: numbers are numbers, in the
+/// lines about loading modules as in those about requests.
+#[tokio::test(flavor = "multi_thread")]
+async fn json_fields_have_one_type_each() {
+    let exchange = unique("json-types");
+    let _cleanup = Cleanup::new(&exchange, &["fib"]);
+    let node = Spawn::new(&exchange, &["fib"])
+        .env("WASMRPC_LOG_FORMAT", "json")
+        .launch()
+        .await;
+    let (node, mut lines) = tokio::task::spawn_blocking(move || {
+        let lines = node.lines_until("node ready", 1);
+        (node, lines)
+    })
+    .await
+    .unwrap();
+    let call = run(wasmrpc(&exchange, &["call", "fib", "x"])).await;
+    assert_eq!(call.status.code(), Some(1), "{}", text(&call.stderr));
+    lines.extend(
+        tokio::task::spawn_blocking(move || node.lines_until("\"failed\"", 1))
+            .await
+            .unwrap(),
+    );
+    let mut seen = 0;
+    for line in &lines {
+        let json: Value = serde_json::from_str(line).unwrap();
+        for field in ["elapsed_ms", "modules"] {
+            if let Some(value) = json.get(field) {
+                assert!(value.is_number(), "{field} is not a number: {line}");
+                seen += 1;
+            }
+        }
+    }
+    // The load of fib, the directory's, the node ready, the failed call.
+    assert!(seen >= 4, "{lines:#?}");
+}
