@@ -14,41 +14,18 @@ use std::time::Duration;
 use anyhow::Context as _;
 use lapin::options::{BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions};
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ErrorKind as LapinErrorKind};
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::StreamExt as _;
 
-use crate::amqp::{self, Brokers};
+use crate::amqp::Brokers;
 use crate::deploy::{Ack, Order, Signed};
 use crate::trace::TraceParent;
-use crate::wire::{
-    ERROR_HEADER, ErrorKind, NodeStatus, TIMEOUT_HEADER, TRACEPARENT_HEADER, Topology,
-    VERSION_HEADER, unix_time,
-};
+use crate::wire::{NodeStatus, Topology, unix_time};
 
-/// The pseudo-queue RabbitMQ routes direct replies through.
-const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
-
-/// A reply from a node, success or error.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Reply {
-    pub correlation_id: String,
-    /// The module's output, or for an error reply a message for humans.
-    pub body: Vec<u8>,
-    /// The value of the `x-error` header: absent on success.
-    pub error: Option<String>,
-    /// The version of the module that produced the reply (`x-module-version`).
-    pub version: Option<String>,
-    /// The reply's `content_type`.
-    pub content_type: Option<String>,
-    /// The node's span of the call's trace (`traceparent`), if the call
-    /// carried one.
-    pub traceparent: Option<String>,
-    /// The broker user that sent the reply, as the broker checked it (the
-    /// message's `user_id`), if the sender set it.
-    pub user_id: Option<String>,
-}
+pub use crate::wire::reply::Reply;
+use crate::wire::request::{self, DIRECT_REPLY_TO};
 
 /// An answer from a node on the control exchange, with the broker user that
 /// sent it: the broker refuses a message whose `user_id` is not its
@@ -74,13 +51,6 @@ pub struct FleetAnswers<T> {
 pub struct CallOptions {
     /// The trace the call belongs to: sent as the `traceparent` header.
     pub traceparent: Option<TraceParent>,
-}
-
-impl Reply {
-    /// The error kind, if this is an error reply of a kind this client knows.
-    pub fn error_kind(&self) -> Option<ErrorKind> {
-        self.error.as_deref().and_then(ErrorKind::parse)
-    }
 }
 
 /// Why a call got no reply.
@@ -215,23 +185,12 @@ impl Client {
         self.wait_for(&correlation_id, Waiter::One(sender))?;
         // The broker drops the request if no node takes it in time, and a
         // node that takes it stops the module when the caller stops waiting.
-        let millis = timeout.as_millis().clamp(1, u128::from(u32::MAX)) as u32;
-        let mut headers = FieldTable::default();
-        headers.insert(TIMEOUT_HEADER.into(), AMQPValue::LongUInt(millis));
-        if let Some(traceparent) = &options.traceparent {
-            headers.insert(
-                TRACEPARENT_HEADER.into(),
-                AMQPValue::LongString(traceparent.to_string().into()),
-            );
-        }
-        // Nodes measure how long requests wait in their queue from it.
-        let now = unix_time().as_secs();
-        let properties = BasicProperties::default()
-            .with_reply_to(DIRECT_REPLY_TO.into())
-            .with_correlation_id(correlation_id.as_str().into())
-            .with_expiration(millis.to_string().as_str().into())
-            .with_timestamp(now)
-            .with_headers(headers);
+        let properties = request::properties(
+            &correlation_id,
+            timeout,
+            options.traceparent.as_ref(),
+            unix_time(),
+        );
         let published = self
             .channel
             .basic_publish(
@@ -421,28 +380,11 @@ impl Drop for Client {
 /// Hands a reply to the call waiting for it; a reply nobody waits for (its
 /// call timed out) is dropped.
 fn route(pending: &Pending, delivery: lapin::message::Delivery) {
-    let properties = &delivery.properties;
-    let Some(correlation_id) = properties
-        .correlation_id()
-        .as_ref()
-        .map(|id| id.as_str().to_owned())
-    else {
+    let Some(reply) = Reply::decode(&delivery.properties, delivery.data) else {
         tracing::debug!("ignoring a reply without correlation id");
         return;
     };
-    let headers = properties.headers().as_ref();
-    let reply = Reply {
-        error: amqp::header_str(headers, ERROR_HEADER).map(str::to_owned),
-        version: amqp::header_str(headers, VERSION_HEADER).map(str::to_owned),
-        content_type: properties
-            .content_type()
-            .as_ref()
-            .map(|value| value.to_string()),
-        traceparent: amqp::header_str(headers, TRACEPARENT_HEADER).map(str::to_owned),
-        user_id: properties.user_id().as_ref().map(|user| user.to_string()),
-        correlation_id: correlation_id.clone(),
-        body: delivery.data,
-    };
+    let correlation_id = reply.correlation_id.clone();
     let mut pending = pending.lock().expect("pending lock");
     match pending.waiting.remove(&correlation_id) {
         Some(Waiter::One(call)) => {

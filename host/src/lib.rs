@@ -23,6 +23,7 @@ pub mod registry;
 mod replies;
 mod request;
 pub mod runtime;
+pub(crate) mod settler;
 pub mod shutdown;
 pub mod stats;
 pub mod trace;

@@ -15,17 +15,23 @@ use lapin::message::Delivery;
 use super::Shared;
 use crate::deploy::{self, Ack, Action};
 use crate::logging::Escaped;
-use crate::request::{self, Context, Reply};
+use crate::request::{self, Context, Response};
+use crate::settler::Ticket;
 use crate::wire::{ModuleStatus, NodeStatus};
 
 /// Control messages a node holds unacked at once: fleet questions are
 /// answered at once, orders wait for their turn.
 pub(super) const PREFETCH: u16 = 2;
 
-pub(super) async fn answer(shared: Arc<Shared>, context: Arc<Context>, mut delivery: Delivery) {
+pub(super) async fn answer(
+    shared: Arc<Shared>,
+    context: Arc<Context>,
+    mut delivery: Delivery,
+    ticket: Ticket,
+) {
     if delivery.properties.reply_to().is_none() {
         tracing::debug!("ignoring a control message without reply_to");
-        request::answer_control(&context, &delivery, None).await;
+        request::answer_control(&context, &delivery, ticket, None).await;
         return;
     }
     let action = delivery
@@ -38,7 +44,7 @@ pub(super) async fn answer(shared: Arc<Shared>, context: Arc<Context>, mut deliv
         Some(action) => {
             let Some(deploys) = &shared.deploys else {
                 tracing::debug!("ignoring a {}: this node takes no deploys", action.as_str());
-                request::answer_control(&context, &delivery, None).await;
+                request::answer_control(&context, &delivery, ticket, None).await;
                 return;
             };
             let module = deploy::named_in(&delivery.properties)
@@ -62,7 +68,8 @@ pub(super) async fn answer(shared: Arc<Shared>, context: Arc<Context>, mut deliv
                         reason: None,
                     };
                     let body = serde_json::to_vec(&ack).expect("an ack is always JSON");
-                    request::answer_control_pending(&context, &delivery, Reply::json(body)).await;
+                    request::answer_control_pending(&context, &delivery, Response::json(body))
+                        .await;
                 }
             };
             let (outcome, ()) = tokio::join!(
@@ -109,7 +116,7 @@ pub(super) async fn answer(shared: Arc<Shared>, context: Arc<Context>, mut deliv
             serde_json::to_vec(&ack).expect("an ack is always JSON")
         }
     };
-    request::answer_control(&context, &delivery, Some(Reply::json(body))).await;
+    request::answer_control(&context, &delivery, ticket, Some(Response::json(body))).await;
 }
 
 fn status(shared: &Shared) -> NodeStatus {

@@ -31,6 +31,7 @@ use crate::amqp::{self, Brokers, ControlLimit};
 use crate::names::ModuleName;
 use crate::registry::Update;
 use crate::request::{self, Context};
+use crate::settler::{Settlement, Settler};
 
 /// How long declaring and subscribing may take once connected.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -107,6 +108,10 @@ pub(super) struct Session {
     consume: Channel,
     /// The control queue's channel, with a prefetch of its own.
     control: Channel,
+    /// Where the consuming channel's deliveries are settled.
+    settler: Settler,
+    /// Where the control channel's are.
+    control_settler: Settler,
     deliveries: StreamMap<Source, Deliveries>,
     subscriptions: Subscriptions,
     /// What this session's request tasks get.
@@ -233,6 +238,7 @@ impl Session {
                 subscriptions.prepare(connection, &name).await?;
             }
         }
+        let lost = CancellationToken::new();
         let context = Arc::new(Context {
             replies: shared.replies.clone(),
             stats: shared.stats.clone(),
@@ -243,13 +249,15 @@ impl Session {
             dead_queue: topology.dead_queue(),
             requests_exchange: topology.exchange().to_owned(),
             stopping: shared.stopping.clone(),
-            lost: CancellationToken::new(),
+            lost: lost.clone(),
         });
         let session = Session {
             number,
             broker,
             shared: shared.clone(),
             connection: connection.clone(),
+            settler: Settler::start(consume.clone(), lost.clone()),
+            control_settler: Settler::start(control.clone(), lost),
             consume,
             control,
             deliveries,
@@ -317,6 +325,12 @@ impl Session {
         self.shared.stopping.cancel();
         tasks.close();
         tasks.wait().await;
+        // What the tasks settled is said before the channels close.
+        let patience = Duration::from_secs(5);
+        tokio::join!(
+            self.settler.finish(patience),
+            self.control_settler.finish(patience)
+        );
         // Closing the channels returns anything prefetched but never handled.
         let _ = self.consume.close(200, "node shutting down".into()).await;
         let _ = self.control.close(200, "node shutting down".into()).await;
@@ -340,13 +354,22 @@ impl Session {
 
     async fn dispatch(&mut self, source: Source, delivery: Delivery, tasks: &TaskTracker) {
         let context = self.context.clone();
+        let ticket = match source {
+            Source::Control => self.control_settler.ticket(delivery.delivery_tag),
+            Source::Module(_) | Source::Unrouted => self.settler.ticket(delivery.delivery_tag),
+        };
         match source {
             Source::Unrouted => {
                 let target = self.unrouted(&delivery);
-                tasks.spawn(request::handle(context, target, delivery));
+                tasks.spawn(request::handle(context, target, delivery, ticket));
             }
             Source::Control => {
-                tasks.spawn(control::answer(self.shared.clone(), context, delivery));
+                tasks.spawn(control::answer(
+                    self.shared.clone(),
+                    context,
+                    delivery,
+                    ticket,
+                ));
             }
             // The version that serves a request is the one served when it arrives.
             Source::Module(name) => match self.shared.registry.get(&name) {
@@ -355,13 +378,12 @@ impl Session {
                         context,
                         request::Target::Module(module),
                         delivery,
+                        ticket,
                     ));
                 }
                 // Left in a subscription being cancelled: the queue hands it to
-                // another node, or the last node out answers it. Returned here,
-                // not in a task, so that it is back before the subscription's
-                // end can set the last node's clean-up going.
-                None => request::give_back(&context, &delivery).await,
+                // another node, or the last node out answers it.
+                None => ticket.settle(Settlement::Requeue),
             },
         }
     }
@@ -447,6 +469,9 @@ impl Session {
     /// back meanwhile, else let its queue go if no node serves it any more.
     async fn ended(&mut self, name: ModuleName, tasks: &TaskTracker) {
         self.deliveries.remove(&Source::Module(name.clone()));
+        // What the subscription left is back in the queue before the last
+        // node out answers what the queue holds.
+        self.settler.flushed().await;
         match self
             .subscriptions
             .ended(&self.connection, &self.consume, &name)

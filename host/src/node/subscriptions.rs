@@ -24,6 +24,7 @@ use super::session::Deliveries;
 use crate::amqp;
 use crate::names::ModuleName;
 use crate::request::{self, Context};
+use crate::settler::Settler;
 use crate::wire::Topology;
 
 enum State {
@@ -363,10 +364,13 @@ pub(super) async fn retire(
             return Ok(());
         }
         let mut answered = 0usize;
+        let settler = Settler::start(channel.clone(), context.lost.clone());
         while let Some(message) = channel.basic_get(queue.as_str().into(), BasicGetOptions::default()).await? {
-            request::answer_unserved(&context, &message.delivery, &name, failure.as_deref()).await;
+            let ticket = settler.ticket(message.delivery.delivery_tag);
+            request::answer_unserved(&context, &message.delivery, ticket, &name, failure.as_deref()).await;
             answered += 1;
         }
+        settler.finish(Duration::from_secs(5)).await;
         if let Some(declared) = declared {
             tokio::time::sleep_until((declared + QUEUE_SETTLE).into()).await;
         }

@@ -21,6 +21,9 @@ use serde::{Deserialize, Serialize};
 use crate::names::ModuleName;
 use crate::runtime::CallError;
 
+pub mod reply;
+pub mod request;
+
 /// The exchange name used when none is configured.
 pub const DEFAULT_EXCHANGE: &str = "wasmrpc";
 
