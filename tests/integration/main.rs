@@ -34,4 +34,5 @@ mod readme;
 mod security;
 mod share;
 mod soak;
+mod tidy;
 mod trace;

@@ -58,6 +58,34 @@ async fn sigterm_during_a_call_still_delivers_its_reply_and_exits_0() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_second_signal_cuts_the_drain_short_with_exit_130_and_the_call_is_served_again() {
+    let exchange = unique("sigint2");
+    let _cleanup = Cleanup::new(&exchange, &["spin"]);
+    let mut node = spawn(&["spin"], &[], &exchange, &[]).await;
+    let client = Client::connect(&brokers(), &exchange).await.unwrap();
+    let call =
+        tokio::spawn(async move { client.call("spin", b"5000", Duration::from_secs(60)).await });
+    let node = tokio::task::spawn_blocking(move || {
+        node.wait_for_line("running");
+        node.signal("INT");
+        node.wait_for_line("shutting down");
+        node.signal("INT");
+        node.wait_for_line("second stop signal");
+        let exit = node.child.wait().unwrap();
+        assert_eq!(exit.code(), Some(130), "a second signal exits 130");
+        node
+    })
+    .await
+    .unwrap();
+    // The call the drain gave up went back to its queue: a node started
+    // now serves it.
+    let _again = spawn(&["spin"], &[], &exchange, &[]).await;
+    let reply = call.await.unwrap().expect("the call was lost");
+    assert_eq!(reply.body, b"spun for 5000 ms");
+    drop(node);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_node_whose_log_reader_is_gone_keeps_serving_and_stops_cleanly() {
     let exchange = unique("nolog");
     let _cleanup = Cleanup::new(&exchange, &["fib"]);

@@ -132,6 +132,9 @@ enum Failure {
     Timeout(anyhow::Error),
     /// The broker could not be reached or refused the request: exit 4.
     Broker(anyhow::Error),
+    /// A second stop signal cut a node's drain short: exit 130, as a shell
+    /// reports a process ended by SIGINT.
+    Interrupted,
 }
 
 impl Failure {
@@ -141,12 +144,14 @@ impl Failure {
             Failure::Usage(_) => 2,
             Failure::Timeout(_) => 3,
             Failure::Broker(_) => 4,
+            Failure::Interrupted => 130,
         })
     }
 
     fn report(&self) {
         match self {
             Failure::Reply { kind, message } => eprintln!("error ({kind}): {message}"),
+            Failure::Interrupted => {}
             Failure::Failed(error)
             | Failure::Usage(error)
             | Failure::Timeout(error)

@@ -8,11 +8,12 @@ use clap::Args;
 
 use super::{Failure, Global, parse_size, runtime};
 use crate::deploy::TrustedKeys;
+use crate::http;
 use crate::manifest::LimitOverrides;
 use crate::node::{self, Node, NodeConfig};
 use crate::runtime::Limits;
+use crate::shutdown::Signals;
 use crate::units::parse_duration;
-use crate::{http, shutdown};
 
 /// Run a node: serve every `.wasm` module in a directory until SIGINT or SIGTERM.
 ///
@@ -189,7 +190,7 @@ pub(super) fn run(args: ServeArgs, global: &Global) -> Result<(), Failure> {
     // Guests compute on at most `concurrency` workers; one more keeps the
     // broker connections flowing whatever the guests do.
     let runtime = runtime(Some(config.concurrency as usize + 1))?;
-    runtime.block_on(async {
+    let served = runtime.block_on(async {
         // Bound before anything else, so a taken port fails the start at once.
         let listener = match http {
             Some(addr) => Some(http::bind(addr).await.map_err(Failure::Failed)?),
@@ -207,15 +208,22 @@ pub(super) fn run(args: ServeArgs, global: &Global) -> Result<(), Failure> {
             }
             tokio::spawn(http::serve(listener, node.probe(), std::future::pending()))
         });
-        let served = node.serve(shutdown::signal_received()).await;
+        let signals = Signals::listen();
+        let served = tokio::select! {
+            served = node.serve(signals.clone().first()) => served.map_err(|error| {
+                tracing::error!("{error:#}");
+                Failure::Failed(error)
+            }),
+            () = signals.second() => Err(Failure::Interrupted),
+        };
         if let Some(endpoint) = endpoint {
             endpoint.abort();
         }
-        served.map_err(|error| {
-            tracing::error!("{error:#}");
-            Failure::Failed(error)
-        })
-    })
+        served
+    });
+    // Whatever still runs (a drain cut short, a compile) is not waited for.
+    runtime.shutdown_background();
+    served
 }
 
 fn config(args: ServeArgs, global: &Global) -> Result<NodeConfig, Failure> {

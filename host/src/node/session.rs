@@ -21,11 +21,11 @@ use lapin::message::Delivery;
 use lapin::options::BasicQosOptions;
 use lapin::{Channel, Connection};
 use tokio::sync::mpsc;
-use tokio_stream::{Stream, StreamExt as _, StreamMap};
+use tokio_stream::{StreamExt as _, StreamMap};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::subscriptions::{self, Subscriptions};
+use super::subscriptions::{self, Deliveries, Subscriptions};
 use super::{Shared, control};
 use crate::amqp::{self, Brokers, ControlLimit};
 use crate::names::ModuleName;
@@ -53,11 +53,6 @@ impl fmt::Display for Source {
         }
     }
 }
-
-/// A subscription's deliveries, then `None` once when it has ended (the
-/// broker confirmed our cancel, or cancelled it itself), so the node learns
-/// of the end; a `StreamMap` would drop the stream silently.
-pub(super) type Deliveries = Pin<Box<dyn Stream<Item = Option<lapin::Result<Delivery>>> + Send>>;
 
 /// Why a session could not open.
 #[derive(Debug)]

@@ -8,19 +8,20 @@
 //! again; if not, and no other node consumes the queue, the queue goes.
 
 use std::collections::HashMap;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
+use lapin::message::Delivery;
 use lapin::options::{
     BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, QueueBindOptions,
     QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
-use tokio_stream::StreamExt as _;
+use tokio_stream::{Stream, StreamExt as _};
 
-use super::session::Deliveries;
 use crate::amqp;
 use crate::names::ModuleName;
 use crate::request::{self, Context};
@@ -55,6 +56,11 @@ pub(super) enum Ended {
 /// queue is deleted as it starts crashes, and after two such crashes within
 /// 5 s the broker stops supervising them and refuses every quorum queue
 /// with at-least-once dead-lettering (INTERNAL_ERROR) until it restarts.
+/// A subscription's deliveries, then `None` once when it has ended (the
+/// broker confirmed our cancel, or cancelled it itself), so the node learns
+/// of the end; a `StreamMap` would drop the stream silently.
+pub(super) type Deliveries = Pin<Box<dyn Stream<Item = Option<lapin::Result<Delivery>>> + Send>>;
+
 pub(super) const QUEUE_SETTLE: Duration = Duration::from_secs(1);
 
 pub(super) struct Subscriptions {
