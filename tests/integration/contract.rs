@@ -150,13 +150,8 @@ async fn a_request_without_reply_to_is_dropped_and_never_redelivered() {
         (correlation_id(&reply), reply.data.as_slice()),
         (Some("somebody"), &b"10946"[..])
     );
-    assert!(
-        client
-            .next_reply(Duration::from_millis(200))
-            .await
-            .is_none(),
-        "nobody asked for a reply"
-    );
+    // That no reply went anywhere cannot be seen (there is nowhere to
+    // send one); that the request was settled can.
 
     // Stopping the node returns whatever it had not acked to the queue: the
     // queue is empty only if the request without reply_to was acked.
