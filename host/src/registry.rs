@@ -19,6 +19,7 @@ use tokio::sync::mpsc;
 use crate::manifest::Manifest;
 use crate::names::ModuleName;
 use crate::runtime::{Limits, Module, Runtime, Wasm};
+use crate::stats::Stats;
 use crate::units::{Bytes, display_millis};
 use crate::watch::module_stem;
 use crate::wire::DEFAULT_CONTENT_TYPE;
@@ -40,9 +41,17 @@ pub struct LoadedModule {
 #[derive(Default)]
 pub struct Registry {
     modules: RwLock<BTreeMap<ModuleName, Arc<LoadedModule>>>,
+    /// Counts the changes, so that one can be awaited.
+    changes: tokio::sync::watch::Sender<u64>,
 }
 
 impl Registry {
+    /// The number of changes made so far, kept up to date: await a change
+    /// with `wait_for` instead of polling.
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
     pub fn get(&self, name: &ModuleName) -> Option<Arc<LoadedModule>> {
         self.read().get(name).cloned()
     }
@@ -60,11 +69,15 @@ impl Registry {
         let module = Arc::new(module);
         let mut modules = self.modules.write().expect("registry lock");
         let replaced = modules.insert(module.name.clone(), module.clone());
+        drop(modules);
+        self.changes.send_modify(|changes| *changes += 1);
         (module, replaced)
     }
 
     fn remove(&self, name: &ModuleName) -> Option<Arc<LoadedModule>> {
-        self.modules.write().expect("registry lock").remove(name)
+        let removed = self.modules.write().expect("registry lock").remove(name);
+        self.changes.send_modify(|changes| *changes += 1);
+        removed
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<ModuleName, Arc<LoadedModule>>> {
@@ -110,6 +123,8 @@ pub struct Loader {
     /// One change to a module at a time: a deploy's install and the
     /// watcher's look at the same module do not interleave.
     changing: Mutex<BTreeMap<ModuleName, Arc<tokio::sync::Mutex<()>>>>,
+    /// Where refusals are counted, if anywhere.
+    stats: Option<Arc<Stats>>,
 }
 
 impl Loader {
@@ -134,7 +149,14 @@ impl Loader {
             loading: Mutex::default(),
             failed: Mutex::default(),
             changing: Mutex::default(),
+            stats: None,
         }
+    }
+
+    /// This loader, counting the files it refuses in `stats`.
+    pub fn counting_in(mut self, stats: Arc<Stats>) -> Loader {
+        self.stats = Some(stats);
+        self
     }
 
     /// This loader, telling `updates` each change it makes.
@@ -277,6 +299,11 @@ impl Loader {
         let started = Instant::now();
         let loaded = self.load(&name, &path, current.as_deref()).await;
         self.loading.lock().expect("loader lock").remove(&name);
+        if loaded.is_err()
+            && let Some(stats) = &self.stats
+        {
+            stats.refused_load();
+        }
         match loaded {
             Ok(None) => {}
             Ok(Some(module)) => self.insert(module, started),

@@ -1,6 +1,6 @@
 //! What a node is doing and has done: requests running now (watchable, so
 //! tests can await a change instead of polling) and calls answered per
-//! module, for the fleet view.
+//! module, for the fleet view; module files the loader refused.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -16,6 +16,8 @@ pub struct Stats {
     running: watch::Sender<usize>,
     /// Calls answered, all modules together.
     answered: watch::Sender<u64>,
+    /// Module files the loader refused.
+    refused: watch::Sender<u64>,
     calls: Mutex<BTreeMap<ModuleName, Calls>>,
 }
 
@@ -37,6 +39,7 @@ impl Default for Stats {
             started: Instant::now(),
             running: watch::Sender::new(0),
             answered: watch::Sender::new(0),
+            refused: watch::Sender::new(0),
             calls: Mutex::default(),
         }
     }
@@ -67,6 +70,17 @@ impl Stats {
     /// The number of calls answered, all modules together, kept up to date.
     pub fn answered(&self) -> watch::Receiver<u64> {
         self.answered.subscribe()
+    }
+
+    /// Counts module files the loader refused: a new module that failed to
+    /// load, or a new version refused while the last good one serves on.
+    pub(crate) fn refused_load(&self) {
+        self.refused.send_modify(|refused| *refused += 1);
+    }
+
+    /// The number of module files refused, kept up to date.
+    pub fn refused(&self) -> watch::Receiver<u64> {
+        self.refused.subscribe()
     }
 
     pub fn calls(&self, module: &ModuleName) -> Calls {

@@ -105,14 +105,11 @@ async fn replacing_a_module_again_and_again_keeps_the_cache_under_its_cap() {
     for round in 0..4 {
         newest = guests::variant(&fib, &format!("round {round}"));
         install(node.modules_path(), "fib", &newest);
-        let started = std::time::Instant::now();
-        while node.registry.get(&fib_name).unwrap().version != version_of(&newest) {
-            assert!(
-                started.elapsed() < std::time::Duration::from_secs(10),
-                "round {round} was never loaded"
-            );
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        }
+        let version = version_of(&newest);
+        node.until_registry(std::time::Duration::from_secs(10), |registry| {
+            registry.get(&fib_name).unwrap().version == version
+        })
+        .await;
         let total: u64 = artifacts(cache.path())
             .iter()
             .map(|path| std::fs::metadata(path).unwrap().len())

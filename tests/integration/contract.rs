@@ -8,6 +8,7 @@ use lapin::BasicProperties;
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
 
+use crate::support::node::REPLY_TIMEOUT;
 use crate::support::raw::{RawClient, correlation_id, error_header};
 use crate::support::{TestNode, oracle};
 
@@ -28,7 +29,7 @@ async fn a_tutorial_client_calls_fib() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_module_no_node_serves_is_answered_not_found_within_a_second() {
+async fn a_module_no_node_serves_is_answered_not_found_at_once() {
     let node = TestNode::start(&["fib"]).await;
     let mut client = RawClient::connect().await;
     client
@@ -39,10 +40,13 @@ async fn a_module_no_node_serves_is_answered_not_found_within_a_second() {
             client.request("lost"),
         )
         .await;
+    // Answered by a node, not dropped when the unrouted queue's TTL runs
+    // out (a minute): how fast depends on the machine, so the bound is
+    // that of any reply, far below the TTL.
     let reply = client
-        .next_reply(Duration::from_secs(1))
+        .next_reply(REPLY_TIMEOUT)
         .await
-        .expect("no not_found reply within a second");
+        .expect("no not_found reply");
     assert_eq!(correlation_id(&reply), Some("lost"));
     assert_eq!(error_header(&reply).as_deref(), Some("not_found"));
     assert_eq!(

@@ -89,6 +89,7 @@ async fn a_file_written_in_place_is_served_once_complete_and_not_before() {
 
     // Truncate and write half: a node acting on this would serve nothing, or
     // fail calls.
+    let refused = node.stats.refused();
     let path = node.modules_path().join("fib.wasm");
     let mut file = std::fs::File::create(&path).unwrap();
     file.write_all(&new[..new.len() / 2]).unwrap();
@@ -108,6 +109,9 @@ async fn a_file_written_in_place_is_served_once_complete_and_not_before() {
         reply.version.as_deref() == Some(expected.as_str())
     })
     .await;
+    // A node that read the file before it was closed would have refused
+    // the half it found (it is not a module) and counted it.
+    assert_eq!(*refused.borrow(), 0, "the half-written file was read");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -176,14 +180,25 @@ async fn a_broken_replacement_is_refused_and_the_last_good_version_serves_on() {
     let client = node.client().await;
     let good = version_of(&std::fs::read(guests::wasm("fib")).unwrap());
     let wrong_world = wat::parse_str("(component)").unwrap();
-    for broken in [
+    let mut refused = node.stats.refused();
+    for (n, broken) in [
         &b"not wasm"[..],
         b"",
         b"\0asm\x0d\0\x01\0garbage",
         &wrong_world,
-    ] {
+    ]
+    .into_iter()
+    .enumerate()
+    {
         install(node.modules_path(), "fib", broken);
-        // The refusal is logged; meanwhile, and after, the good one answers.
+        // Once the loader has refused it, the good one answers.
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            refused.wait_for(|&count| count == n as u64 + 1),
+        )
+        .await
+        .expect("the broken file was not refused")
+        .unwrap();
         for _ in 0..10 {
             let reply = client
                 .call("fib", b"12", Duration::from_secs(10))
@@ -279,14 +294,11 @@ async fn removing_a_module_from_one_node_leaves_it_to_the_others() {
     std::fs::remove_file(first.modules_path().join("fib.wasm")).unwrap();
     let client = first.client().await;
     // Once the first node has let fib go, every call lands on the second.
-    let gone = Instant::now();
-    while first.registry.get(&fib).is_some() {
-        assert!(
-            gone.elapsed() < Duration::from_secs(2),
-            "the first node still serves fib"
-        );
-        tokio::task::yield_now().await;
-    }
+    first
+        .until_registry(Duration::from_secs(2), |registry| {
+            registry.get(&fib).is_none()
+        })
+        .await;
     let before = (
         first.stats.calls(&fib).answered,
         second.stats.calls(&fib).answered,

@@ -212,6 +212,7 @@ impl Node {
         // Watch before the first scan, so nothing that changes during it is missed.
         let (watcher, changes) = watch::watch(&config.modules_dir)?;
         let registry = Arc::new(Registry::default());
+        let stats = Arc::new(Stats::default());
         let (updates_sender, updates) = mpsc::unbounded_channel();
         let loader = Arc::new(
             Loader::new(
@@ -221,7 +222,8 @@ impl Node {
                 config.max_message,
                 registry.clone(),
             )
-            .reporting_to(updates_sender),
+            .reporting_to(updates_sender)
+            .counting_in(stats.clone()),
         );
         let deploys = config.accept_deploys.take().map(|trusted| {
             Arc::new(deploys::Deploys {
@@ -261,7 +263,7 @@ impl Node {
                 registry,
                 loader,
                 topology: Topology::new(&config.exchange),
-                stats: Arc::default(),
+                stats,
                 metrics: Arc::default(),
                 replies: Arc::new(replies),
                 slots: Arc::new(Semaphore::new(instances as usize)),

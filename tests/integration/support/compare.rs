@@ -168,6 +168,14 @@ pub async fn run(settings: Settings) -> Comparison {
                 target: Some(Target::RatioAtMost(1.1)),
             });
         }
+        if concurrency == 64 {
+            rows.push(Row {
+                what: "p99 latency ms, 64 in flight, fib(10)".into(),
+                node: on_node.latency_ms.p99,
+                native: Some(on_peer.latency_ms.p99),
+                target: Some(Target::RatioAtMost(1.5)),
+            });
+        }
         reports.extend([on_node, on_peer]);
     }
     let on_node = bench(

@@ -328,19 +328,49 @@ async fn delete_topology(topology: &Topology, modules: &[ModuleName]) {
 /// node counts a call once the broker has confirmed its reply, which may be
 /// a moment after the caller got it.
 pub async fn answered(nodes: &[&TestNode], calls: u64) {
-    let started = std::time::Instant::now();
-    let total = || -> u64 {
-        nodes
-            .iter()
-            .map(|node| *node.stats.answered().borrow())
+    let mut counts: Vec<_> = nodes.iter().map(|node| node.stats.answered()).collect();
+    let total = |counts: &mut Vec<tokio::sync::watch::Receiver<u64>>| -> u64 {
+        counts
+            .iter_mut()
+            .map(|count| *count.borrow_and_update())
             .sum()
     };
-    while total() < calls {
+    let waited = tokio::time::timeout(REPLY_TIMEOUT, async {
+        while total(&mut counts) < calls {
+            // Whichever node counts next.
+            let mut changed = tokio::task::JoinSet::new();
+            for count in &counts {
+                let mut count = count.clone();
+                changed.spawn(async move { count.changed().await });
+            }
+            changed.join_next().await;
+        }
+    })
+    .await;
+    assert!(
+        waited.is_ok(),
+        "the nodes counted {} calls, not {calls}",
+        total(&mut counts)
+    );
+}
+
+impl TestNode {
+    /// Waits until what the node serves satisfies `done`, within `within`;
+    /// the registry says when it changes, so nothing polls.
+    pub async fn until_registry(&self, within: Duration, done: impl Fn(&Registry) -> bool) {
+        let mut changes = self.registry.changes();
+        let waited = tokio::time::timeout(within, async {
+            loop {
+                if done(&self.registry) {
+                    return;
+                }
+                changes.changed().await.expect("the registry is gone");
+            }
+        })
+        .await;
         assert!(
-            started.elapsed() < REPLY_TIMEOUT,
-            "the nodes counted {} calls, not {calls}",
-            total()
+            waited.is_ok(),
+            "the registry did not change as expected within {within:?}"
         );
-        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
