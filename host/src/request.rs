@@ -35,50 +35,95 @@ pub(crate) use crate::wire::reply::Response;
 use crate::wire::request::Request;
 use crate::wire::{ErrorKind, FORWARDS_HEADER, unix_time};
 
-/// What a request task may use of the node.
+/// What a request task may use of the node: what every request of the node
+/// shares, and the session its delivery came on.
 pub(crate) struct Context {
+    pub node: Arc<Requests>,
+    /// Cancelled when the broker session the deliveries came on is lost:
+    /// they can no longer be settled, and the broker hands them out again.
+    pub lost: CancellationToken,
+}
+
+impl Context {
+    /// The context of the requests of a new session.
+    pub(crate) fn for_session(node: &Arc<Requests>) -> Context {
+        Context {
+            node: node.clone(),
+            lost: CancellationToken::new(),
+        }
+    }
+}
+
+/// What every request of a node uses, made once when the node starts.
+pub(crate) struct Requests {
     pub replies: Arc<Replies>,
     pub stats: Arc<Stats>,
     pub metrics: Arc<Metrics>,
-    /// Requests in progress at once (the runtime's instances).
-    pub slots: Arc<Semaphore>,
-    /// Each module's share of them.
-    pub shares: Arc<Shares>,
-    /// Deliveries after which a request is poison.
-    pub delivery_limit: u32,
+    pub admission: Admission,
     /// Where poison requests go, for the message that says so.
     pub dead_queue: String,
     /// Where requests are published, for one forwarded to its module.
     pub requests_exchange: String,
     /// Cancelled when the node begins to shut down.
     pub stopping: CancellationToken,
-    /// Cancelled when the broker session the deliveries came on is lost:
-    /// they can no longer be settled, and the broker hands them out again.
-    pub lost: CancellationToken,
 }
 
-/// How many of a node's instances each module may hold at once, so that a
-/// module whose requests sleep or loop cannot keep the others from running.
-/// By name: the versions of a module share its share.
-pub(crate) struct Shares {
+/// Which requests may run: not poison ones, and no more at once than the
+/// node's instances, of which no module holds more than its share.
+pub(crate) struct Admission {
+    /// Deliveries after which a request is poison.
+    delivery_limit: u32,
+    /// Requests in progress at once (the runtime's instances).
+    slots: Semaphore,
+    /// Each module's share of them, so that a module whose requests sleep
+    /// or loop cannot keep the others from running. By name: the versions
+    /// of a module share its share.
     per_module: usize,
-    modules: Mutex<HashMap<ModuleName, Arc<Semaphore>>>,
+    shares: Mutex<HashMap<ModuleName, Arc<Semaphore>>>,
 }
 
-impl Shares {
-    pub(crate) fn new(per_module: usize) -> Shares {
-        Shares {
-            per_module,
-            modules: Mutex::default(),
+/// A request's place among those in progress; given back when dropped.
+pub(crate) struct Admitted<'a> {
+    _share: tokio::sync::OwnedSemaphorePermit,
+    _slot: tokio::sync::SemaphorePermit<'a>,
+}
+
+impl Admission {
+    /// `instances` requests at once, half of them at most one module's.
+    pub(crate) fn new(instances: usize, delivery_limit: u32) -> Admission {
+        Admission {
+            delivery_limit,
+            slots: Semaphore::new(instances),
+            per_module: (instances / 2).max(1),
+            shares: Mutex::default(),
         }
     }
 
-    fn of(&self, module: &ModuleName) -> Arc<Semaphore> {
-        let mut modules = self.modules.lock().expect("shares lock");
-        modules
-            .entry(module.clone())
-            .or_insert_with(|| Arc::new(Semaphore::new(self.per_module)))
-            .clone()
+    /// Instances no request holds now.
+    pub(crate) fn slots_free(&self) -> usize {
+        self.slots.available_permits()
+    }
+
+    /// Waits for a place for a request for `module`: the module's share
+    /// first, so that a module at its share holds no instance another
+    /// module could use.
+    async fn admit(&self, module: &ModuleName) -> Admitted<'_> {
+        let share = {
+            let mut shares = self.shares.lock().expect("shares lock");
+            shares
+                .entry(module.clone())
+                .or_insert_with(|| Arc::new(Semaphore::new(self.per_module)))
+                .clone()
+        };
+        let share = share
+            .acquire_owned()
+            .await
+            .expect("shares are never closed");
+        let slot = self.slots.acquire().await.expect("slots are never closed");
+        Admitted {
+            _share: share,
+            _slot: slot,
+        }
     }
 }
 
@@ -147,7 +192,7 @@ async fn handle_in_span(
         Target::Module(module) => {
             tracing::Span::current().record("version", module.version.as_str());
             if let Some(wait) = request.queued {
-                context.metrics.waited(&module.name, wait);
+                context.node.metrics.waited(&module.name, wait);
             }
             Some(module.name.clone())
         }
@@ -198,7 +243,7 @@ async fn handle_in_span(
         return;
     };
     if let Some(name) = outcome.ran {
-        context.stats.record(&name, reply.error.is_some());
+        context.node.stats.record(&name, reply.error.is_some());
     }
     count(context, module.as_ref(), reply.error);
     let elapsed_ms = (received.elapsed().as_secs_f64() * 1e5).round() / 100.0;
@@ -218,8 +263,9 @@ async fn handle_in_span(
 /// Counts an answered request in the metrics.
 fn count(context: &Context, module: Option<&ModuleName>, error: Option<ErrorKind>) {
     match module {
-        Some(module) => context.metrics.answered(module, error),
+        Some(module) => context.node.metrics.answered(module, error),
         None => context
+            .node
             .metrics
             .unrouted(error.unwrap_or(ErrorKind::NotFound)),
     }
@@ -275,7 +321,7 @@ async fn run_module(
     // held while it waits.
     let limit = module.module.limits().request;
     if delivery.data.len() > limit {
-        context.metrics.tripped(&module.name, Limit::Request);
+        context.node.metrics.tripped(&module.name, Limit::Request);
         let error = CallError::InputTooLarge {
             size: delivery.data.len(),
             limit,
@@ -289,17 +335,9 @@ async fn run_module(
             ran: Some(module.name.clone()),
         });
     }
-    // The module's share first, so that a module at its share holds no
-    // instance another module could use.
-    let share = context.shares.of(&module.name);
-    let admitted = async {
-        let share = share.acquire().await;
-        let slot = context.slots.acquire().await;
-        (share, slot)
-    };
     let permit = tokio::select! {
-        permit = admitted => permit,
-        () = context.stopping.cancelled() => {
+        permit = context.node.admission.admit(&module.name) => permit,
+        () = context.node.stopping.cancelled() => {
             tracing::debug!("node stopping: returning request to its queue");
             return Ran::GiveBack;
         }
@@ -309,7 +347,7 @@ async fn run_module(
         }
     };
     tracing::debug!(redelivered = delivery.redelivered, "running");
-    let running = context.stats.run();
+    let running = context.node.stats.run();
     let reply = tokio::select! {
         reply = run(context, &module, &delivery.data, deadline) => reply,
         // Dropping the call stops the guest at once and frees its slot for
@@ -335,7 +373,7 @@ async fn run(
 ) -> Response {
     let started = Instant::now();
     let result = module.module.call(input, deadline).await;
-    context.metrics.ran(&module.name, started.elapsed());
+    context.node.metrics.ran(&module.name, started.elapsed());
     let reply = match result {
         Ok(output) => Response {
             content_type: Some(module.content_type.clone()),
@@ -343,7 +381,7 @@ async fn run(
         },
         Err(error) => {
             if let Some(limit) = Limit::of(&error) {
-                context.metrics.tripped(&module.name, limit);
+                context.node.metrics.tripped(&module.name, limit);
             }
             Response::error(ErrorKind::from(&error), format!("{}: {error}", module.name))
         }
@@ -379,6 +417,7 @@ async fn answer(
     let correlation_id = request.correlation_id.as_ref();
     loop {
         let sent = context
+            .node
             .replies
             .send(
                 reply_to,
@@ -400,7 +439,7 @@ async fn answer(
                 );
                 // Only a module's output can be over the limit.
                 if let Some(name) = module {
-                    context.metrics.tripped(name, Limit::Reply);
+                    context.node.metrics.tripped(name, Limit::Reply);
                 }
                 let module = module.map_or("?", ModuleName::as_str);
                 reply = Response {
@@ -512,9 +551,10 @@ async fn forward(
         AMQPValue::LongLongInt(forwards as i64 + 1),
     );
     let forwarded = context
+        .node
         .replies
         .forward(
-            &context.requests_exchange,
+            &context.node.requests_exchange,
             name.as_str(),
             delivery.properties.clone().with_headers(headers),
             &delivery.data,
@@ -557,6 +597,7 @@ pub(crate) async fn answer_control(
     if let (Some(reply), Some(reply_to)) = (reply, delivery.properties.reply_to().as_ref()) {
         let properties = reply.properties(delivery.properties.correlation_id().as_ref());
         let sent = context
+            .node
             .replies
             .send_vouched(reply_to.as_str(), properties, &reply.body, &context.lost)
             .await;
@@ -586,6 +627,7 @@ pub(crate) async fn answer_control_pending(
     };
     let properties = reply.properties(delivery.properties.correlation_id().as_ref());
     if let Err(error) = context
+        .node
         .replies
         .send_vouched(reply_to.as_str(), properties, &reply.body, &context.lost)
         .await
@@ -599,7 +641,7 @@ pub(crate) async fn answer_control_pending(
 /// its caller hears so, and it goes to the dead-letter queue for an operator.
 /// The queue's own `x-delivery-limit` catches it anyway if this node dies too.
 fn poison_check(context: &Context, name: &ModuleName, count: u64) -> Option<Response> {
-    if count < u64::from(context.delivery_limit) {
+    if count < u64::from(context.node.admission.delivery_limit) {
         if count > 0 {
             tracing::warn!(
                 delivery_count = count,
@@ -613,7 +655,7 @@ fn poison_check(context: &Context, name: &ModuleName, count: u64) -> Option<Resp
         format!(
             "{name}: nodes took this request {count} times and stopped each time before replying; \
              it is not run again, and is kept in queue {:?}",
-            context.dead_queue
+            context.node.dead_queue
         ),
     ))
 }

@@ -42,7 +42,7 @@ pub(super) async fn answer(
     let body = match action {
         None => serde_json::to_vec(&status(&shared)).expect("a node status is always JSON"),
         Some(action) => {
-            let Some(deploys) = &shared.deploys else {
+            let Some(deploys) = &shared.modules.deploys else {
                 tracing::debug!("ignoring a {}: this node takes no deploys", action.as_str());
                 request::answer_control(&context, &delivery, ticket, None).await;
                 return;
@@ -59,8 +59,8 @@ pub(super) async fn answer(
             let pending = async {
                 if started.await.is_ok() {
                     let ack = Ack {
-                        node: shared.id.clone(),
-                        host: shared.host.clone(),
+                        node: shared.identity.id.clone(),
+                        host: shared.identity.host.clone(),
                         order: order.clone(),
                         accepted: false,
                         pending: true,
@@ -86,8 +86,8 @@ pub(super) async fn answer(
                         action.as_str()
                     );
                     Ack {
-                        node: shared.id.clone(),
-                        host: shared.host.clone(),
+                        node: shared.identity.id.clone(),
+                        host: shared.identity.host.clone(),
                         order,
                         accepted: true,
                         pending: false,
@@ -103,8 +103,8 @@ pub(super) async fn answer(
                         action.as_str()
                     );
                     Ack {
-                        node: shared.id.clone(),
-                        host: shared.host.clone(),
+                        node: shared.identity.id.clone(),
+                        host: shared.identity.host.clone(),
                         order,
                         accepted: false,
                         pending: false,
@@ -121,11 +121,12 @@ pub(super) async fn answer(
 
 fn status(shared: &Shared) -> NodeStatus {
     let modules = shared
+        .modules
         .registry
         .all()
         .iter()
         .map(|module| {
-            let calls = shared.stats.calls(&module.name);
+            let calls = shared.shown.stats.calls(&module.name);
             ModuleStatus {
                 name: module.name.to_string(),
                 version: module.version.clone(),
@@ -136,15 +137,16 @@ fn status(shared: &Shared) -> NodeStatus {
         })
         .collect();
     NodeStatus {
-        node: shared.id.clone(),
-        host: shared.host.clone(),
+        node: shared.identity.id.clone(),
+        host: shared.identity.host.clone(),
         version: env!("CARGO_PKG_VERSION").to_owned(),
-        uptime_ms: shared.stats.uptime().as_millis() as u64,
-        concurrency: shared.concurrency,
-        instances: shared.instances,
-        running: *shared.stats.running().borrow(),
-        takes_deploys: shared.deploys.is_some(),
+        uptime_ms: shared.shown.stats.uptime().as_millis() as u64,
+        concurrency: shared.identity.concurrency,
+        instances: shared.identity.instances,
+        running: *shared.shown.stats.running().borrow(),
+        takes_deploys: shared.modules.deploys.is_some(),
         deploy_limit: shared
+            .modules
             .deploys
             .as_ref()
             .map(|deploys| deploys.max_size as u64),

@@ -28,7 +28,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use backon::{ExponentialBuilder, Retryable as _};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -39,7 +39,7 @@ use crate::metrics::Metrics;
 use crate::names::ModuleName;
 use crate::registry::{Loader, Registry, Update};
 use crate::replies::Replies;
-use crate::request::Shares;
+use crate::request::{Admission, Requests};
 use crate::runtime::{Limits, Runtime, RuntimeConfig};
 use crate::stats::Stats;
 use crate::units::Bytes;
@@ -148,8 +148,21 @@ fn reconnect_backoff() -> ExponentialBuilder {
         .without_max_times()
 }
 
-/// What every session of a node shares, and request tasks draw from.
+/// What every session of a node shares, in parts that say what they are;
+/// each task gets the parts it uses.
 pub(crate) struct Shared {
+    /// Who the node is, and what it was configured to run with.
+    pub identity: Identity,
+    /// What every request uses, made once.
+    pub requests: Arc<Requests>,
+    /// The modules: served, being loaded or failed, and deployed.
+    pub modules: Modules,
+    /// What the node shows outside (fleet answers, `/metrics`, `/readyz`).
+    pub shown: Shown,
+}
+
+/// Who a node is, and what it was configured to run with.
+pub(crate) struct Identity {
     pub id: String,
     pub host: String,
     pub concurrency: u32,
@@ -157,25 +170,27 @@ pub(crate) struct Shared {
     pub instances: u32,
     pub prefetch: u16,
     pub delivery_limit: u32,
+    pub topology: Topology,
+}
+
+/// A node's modules.
+pub(crate) struct Modules {
     pub registry: Arc<Registry>,
     /// What is being loaded, and what failed to.
     pub loader: Arc<Loader>,
-    pub topology: Topology,
+    /// How it takes deploys, if it does.
+    pub deploys: Option<Arc<deploys::Deploys>>,
+}
+
+/// What a node shows outside: what it did (stats, metrics, which the
+/// requests count into) and where it stands with the broker.
+pub(crate) struct Shown {
     pub stats: Arc<Stats>,
     pub metrics: Arc<Metrics>,
-    pub replies: Arc<Replies>,
-    /// Requests in progress at once: the runtime's instances.
-    pub slots: Arc<Semaphore>,
-    /// How many of those one module may hold.
-    pub shares: Arc<Shares>,
-    /// Cancelled when the node begins to shut down.
-    pub stopping: CancellationToken,
     /// The modules the current session is subscribed to; empty without one.
     pub subscribed: Mutex<BTreeSet<ModuleName>>,
     /// Why the node has no session, while it has none.
     pub broker_error: Mutex<Option<String>>,
-    /// How it takes deploys, if it does.
-    pub deploys: Option<Arc<deploys::Deploys>>,
 }
 
 /// A node that has loaded its modules; [`Node::serve`] connects it.
@@ -252,28 +267,40 @@ impl Node {
             format!("wasmrpc node {id} replies"),
             config.max_message,
         );
+        let topology = Topology::new(&config.exchange);
+        let metrics = Arc::new(Metrics::default());
+        let requests = Arc::new(Requests {
+            replies: Arc::new(replies),
+            stats: stats.clone(),
+            metrics: metrics.clone(),
+            admission: Admission::new(instances as usize, config.delivery_limit),
+            dead_queue: topology.dead_queue(),
+            requests_exchange: topology.exchange().to_owned(),
+            stopping: CancellationToken::new(),
+        });
         Ok(Node {
             shared: Arc::new(Shared {
-                id,
-                host: gethostname::gethostname().to_string_lossy().into_owned(),
-                concurrency: config.concurrency,
-                instances,
-                prefetch: config.prefetch,
-                delivery_limit: config.delivery_limit,
-                registry,
-                loader,
-                topology: Topology::new(&config.exchange),
-                stats,
-                metrics: Arc::default(),
-                replies: Arc::new(replies),
-                slots: Arc::new(Semaphore::new(instances as usize)),
-                // Half the instances: a module whose requests sleep or loop
-                // leaves the other half to the rest.
-                shares: Arc::new(Shares::new((instances as usize / 2).max(1))),
-                stopping: CancellationToken::new(),
-                subscribed: Mutex::default(),
-                broker_error: Mutex::default(),
-                deploys,
+                identity: Identity {
+                    id,
+                    host: gethostname::gethostname().to_string_lossy().into_owned(),
+                    concurrency: config.concurrency,
+                    instances,
+                    prefetch: config.prefetch,
+                    delivery_limit: config.delivery_limit,
+                    topology,
+                },
+                requests,
+                modules: Modules {
+                    registry,
+                    loader,
+                    deploys,
+                },
+                shown: Shown {
+                    stats,
+                    metrics,
+                    subscribed: Mutex::default(),
+                    broker_error: Mutex::default(),
+                },
             }),
             brokers: config.brokers,
             updates,
@@ -285,22 +312,22 @@ impl Node {
 
     /// This node's id, as it appears in logs, consumer tags and the fleet view.
     pub fn id(&self) -> &str {
-        &self.shared.id
+        &self.shared.identity.id
     }
 
     /// What the node is doing; stays live after [`Node::serve`] takes the node.
     pub fn stats(&self) -> Arc<Stats> {
-        self.shared.stats.clone()
+        self.shared.shown.stats.clone()
     }
 
     /// The modules this node serves, live: it follows the modules directory.
     pub fn registry(&self) -> Arc<Registry> {
-        self.shared.registry.clone()
+        self.shared.modules.registry.clone()
     }
 
     /// The modules this node serves now.
     pub fn modules(&self) -> Vec<ModuleName> {
-        self.shared.registry.names()
+        self.shared.modules.registry.names()
     }
 
     /// Where the node stands with its broker, kept up to date.
@@ -350,11 +377,11 @@ impl Node {
                 Some(Err(error)) => break Err(error),
             };
             if sessions > 0 {
-                self.shared.metrics.reconnected();
+                self.shared.shown.metrics.reconnected();
             }
             sessions = session.number;
             broker = session.broker;
-            *self.shared.broker_error.lock().expect("node lock") = None;
+            *self.shared.shown.broker_error.lock().expect("node lock") = None;
             self.state.send_replace(State::Serving {
                 broker: self.brokers.get(broker).to_string(),
                 session: sessions,
@@ -370,11 +397,16 @@ impl Node {
                     break Ok(());
                 }
                 Ended::Lost(error) => {
-                    self.shared.subscribed.lock().expect("node lock").clear();
-                    *self.shared.broker_error.lock().expect("node lock") =
+                    self.shared
+                        .shown
+                        .subscribed
+                        .lock()
+                        .expect("node lock")
+                        .clear();
+                    *self.shared.shown.broker_error.lock().expect("node lock") =
                         Some(format!("{error:#}"));
                     tracing::warn!(
-                        node = %self.shared.id,
+                        node = %self.shared.identity.id,
                         session = sessions,
                         "lost the broker: {error:#}; reconnecting (requests it held return to their queues)"
                     );
@@ -390,11 +422,11 @@ impl Node {
         self.following.abort();
         // Without a session (shutdown while connecting, or a refusal) the
         // tasks left are those of lost sessions: they end at once.
-        self.shared.stopping.cancel();
+        self.shared.requests.stopping.cancel();
         tasks.close();
         tasks.wait().await;
-        self.shared.replies.close().await;
-        tracing::info!(node = %self.shared.id, "stopped");
+        self.shared.requests.replies.close().await;
+        tracing::info!(node = %self.shared.identity.id, "stopped");
         outcome
     }
 }
@@ -421,11 +453,12 @@ async fn open_session(
         .notify(|error, delay| {
             // The next attempt starts with the next broker.
             next.fetch_add(1, Ordering::Relaxed);
-            *shared.broker_error.lock().expect("node lock") = Some(format!("{:#}", error.cause()));
+            *shared.shown.broker_error.lock().expect("node lock") =
+                Some(format!("{:#}", error.cause()));
             let attempt = attempts.load(Ordering::Relaxed);
             if attempt.is_power_of_two() {
                 tracing::warn!(
-                    node = %shared.id,
+                    node = %shared.identity.id,
                     attempt,
                     waiting_s = started.elapsed().as_secs(),
                     retry_in_ms = delay.as_millis() as u64,
@@ -439,7 +472,7 @@ async fn open_session(
         Ok(session) => {
             if attempts.load(Ordering::Relaxed) > 1 {
                 tracing::info!(
-                    node = %shared.id,
+                    node = %shared.identity.id,
                     attempts = attempts.load(Ordering::Relaxed),
                     waited_ms = started.elapsed().as_millis() as u64,
                     "the broker answers again"

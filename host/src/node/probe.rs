@@ -21,16 +21,17 @@ impl Probe {
     pub fn readiness(&self) -> Result<(), String> {
         match &*self.state.borrow() {
             State::Connecting => Err(
-                match &*self.shared.broker_error.lock().expect("probe lock") {
+                match &*self.shared.shown.broker_error.lock().expect("probe lock") {
                     Some(error) => format!("not connected to the broker: {error}"),
                     None => "connecting to the broker".to_owned(),
                 },
             ),
             State::Stopping => Err("draining: the node is shutting down".to_owned()),
             State::Serving { .. } => {
-                let subscribed = self.shared.subscribed.lock().expect("probe lock");
+                let subscribed = self.shared.shown.subscribed.lock().expect("probe lock");
                 let missing: Vec<String> = self
                     .shared
+                    .modules
                     .registry
                     .names()
                     .into_iter()
@@ -51,11 +52,11 @@ impl Probe {
 
     /// The metrics, in the OpenMetrics text format.
     pub fn metrics(&self) -> String {
-        let modules = self.shared.registry.all();
+        let modules = self.shared.modules.registry.all();
         let connected = matches!(*self.state.borrow(), State::Serving { .. });
-        self.shared.metrics.encode(Snapshot {
-            running: *self.shared.stats.running().borrow(),
-            slots_free: self.shared.slots.available_permits(),
+        self.shared.shown.metrics.encode(Snapshot {
+            running: *self.shared.shown.stats.running().borrow(),
+            slots_free: self.shared.requests.admission.slots_free(),
             modules: modules
                 .iter()
                 .map(|module| (&module.name, module.version.as_str()))

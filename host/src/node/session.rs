@@ -22,7 +22,6 @@ use lapin::options::BasicQosOptions;
 use lapin::{Channel, Connection};
 use tokio::sync::mpsc;
 use tokio_stream::{StreamExt as _, StreamMap};
-use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::subscriptions::{self, Deliveries, Subscriptions};
@@ -125,7 +124,7 @@ impl Session {
         number: u64,
     ) -> Result<Session, OpenError> {
         let (connection, broker) = brokers
-            .connect(first, &format!("wasmrpc node {}", shared.id))
+            .connect(first, &format!("wasmrpc node {}", shared.identity.id))
             .await
             .map_err(|error| {
                 let permanent = error.is_permanent();
@@ -153,13 +152,13 @@ impl Session {
         match subscribed {
             Ok(session) => {
                 tracing::info!(
-                    node = %shared.id,
+                    node = %shared.identity.id,
                     session = number,
                     broker = %brokers.get(broker),
-                    exchange = %shared.topology.exchange(),
-                    modules = shared.registry.names().len(),
-                    concurrency = shared.concurrency,
-                    prefetch = shared.prefetch,
+                    exchange = %shared.identity.topology.exchange(),
+                    modules = shared.modules.registry.names().len(),
+                    concurrency = shared.identity.concurrency,
+                    prefetch = shared.identity.prefetch,
                     "node ready"
                 );
                 Ok(session)
@@ -184,15 +183,18 @@ impl Session {
             .await
             .context("failed to open a channel")?;
         consume
-            .basic_qos(shared.prefetch, BasicQosOptions::default())
+            .basic_qos(shared.identity.prefetch, BasicQosOptions::default())
             .await
             .context("failed to set the prefetch")?;
-        let topology = &shared.topology;
+        let topology = &shared.identity.topology;
         amqp::declare_topology(connection, topology).await?;
 
         let mut deliveries = StreamMap::new();
-        let mut subscriptions =
-            Subscriptions::new(&shared.id, topology.clone(), shared.delivery_limit);
+        let mut subscriptions = Subscriptions::new(
+            &shared.identity.id,
+            topology.clone(),
+            shared.identity.delivery_limit,
+        );
         let unrouted = topology.unrouted_queue();
         deliveries.insert(
             Source::Unrouted,
@@ -212,7 +214,7 @@ impl Session {
             .context("failed to set the control queue's prefetch")?;
         // Orders wait in the broker, not here: twice the largest this node
         // takes, and a little for questions; the broker refuses more.
-        let limit = match &shared.deploys {
+        let limit = match &shared.modules.deploys {
             Some(deploys) => ControlLimit::for_deploys(deploys.max_size as u64),
             None => ControlLimit::QuestionsOnly,
         };
@@ -223,29 +225,18 @@ impl Session {
                 .consume(&control, &control_queue, "control", false)
                 .await?,
         );
-        for name in shared.registry.names() {
+        for name in shared.modules.registry.names() {
             let stream = subscriptions.subscribe(connection, &consume, &name).await?;
             deliveries.insert(Source::Module(name), stream);
         }
         // Modules still compiling: their requests wait in their queues.
-        for name in shared.loader.loading() {
-            if shared.registry.get(&name).is_none() {
+        for name in shared.modules.loader.loading() {
+            if shared.modules.registry.get(&name).is_none() {
                 subscriptions.prepare(connection, &name).await?;
             }
         }
-        let lost = CancellationToken::new();
-        let context = Arc::new(Context {
-            replies: shared.replies.clone(),
-            stats: shared.stats.clone(),
-            metrics: shared.metrics.clone(),
-            slots: shared.slots.clone(),
-            shares: shared.shares.clone(),
-            delivery_limit: shared.delivery_limit,
-            dead_queue: topology.dead_queue(),
-            requests_exchange: topology.exchange().to_owned(),
-            stopping: shared.stopping.clone(),
-            lost: lost.clone(),
-        });
+        let context = Arc::new(Context::for_session(&shared.requests));
+        let lost = context.lost.clone();
         let session = Session {
             number,
             broker,
@@ -265,7 +256,7 @@ impl Session {
 
     /// Tells the node's probe which modules this session consumes.
     fn publish_subscribed(&self) {
-        *self.shared.subscribed.lock().expect("node lock") =
+        *self.shared.shown.subscribed.lock().expect("node lock") =
             self.subscriptions.active().cloned().collect();
     }
 
@@ -279,7 +270,7 @@ impl Session {
     ) -> Ended {
         // Requests for modules that failed to load while no session was
         // open may wait in their queues: they are answered why.
-        for (name, why) in self.shared.loader.failures() {
+        for (name, why) in self.shared.modules.loader.failures() {
             self.retire(name, None, Some(why), tasks);
         }
         loop {
@@ -313,11 +304,11 @@ impl Session {
     /// answer, give back what was prefetched but not started, close.
     pub async fn stop(mut self, tasks: &TaskTracker) {
         let in_flight = tasks.len();
-        tracing::info!(node = %self.shared.id, in_flight, "shutting down: no new requests, finishing those in flight");
+        tracing::info!(node = %self.shared.identity.id, in_flight, "shutting down: no new requests, finishing those in flight");
         self.subscriptions.cancel_all(&self.consume).await;
         // Requests still waiting for a slot go back to their queue at once
         // rather than running during shutdown.
-        self.shared.stopping.cancel();
+        self.shared.requests.stopping.cancel();
         tasks.close();
         tasks.wait().await;
         // What the tasks settled is said before the channels close.
@@ -367,7 +358,7 @@ impl Session {
                 ));
             }
             // The version that serves a request is the one served when it arrives.
-            Source::Module(name) => match self.shared.registry.get(&name) {
+            Source::Module(name) => match self.shared.modules.registry.get(&name) {
                 Some(module) => {
                     tasks.spawn(request::handle(
                         context,
@@ -391,11 +382,11 @@ impl Session {
         let Ok(name) = delivery.routing_key.as_str().parse::<ModuleName>() else {
             return request::Target::Unrouted;
         };
-        if let Some(module) = self.shared.registry.get(&name) {
+        if let Some(module) = self.shared.modules.registry.get(&name) {
             request::Target::Module(module)
-        } else if self.subscriptions.bound(&name) || self.shared.loader.is_loading(&name) {
+        } else if self.subscriptions.bound(&name) || self.shared.modules.loader.is_loading(&name) {
             request::Target::Forward(name)
-        } else if let Some(why) = self.shared.loader.failure(&name) {
+        } else if let Some(why) = self.shared.modules.loader.failure(&name) {
             request::Target::Failed(name, why)
         } else {
             request::Target::Unrouted
@@ -414,7 +405,7 @@ impl Session {
         tasks.spawn(subscriptions::retire(
             self.connection.clone(),
             self.context.clone(),
-            self.shared.topology.clone(),
+            self.shared.identity.topology.clone(),
             name,
             declared,
             failure,
