@@ -102,7 +102,7 @@ enum Vouch {
 }
 
 /// Why one attempt to send failed.
-enum Failure {
+enum AttemptFailure {
     /// The path could not be opened.
     Open(String),
     /// The broker nacked the reply: it could not take it for now.
@@ -199,7 +199,7 @@ impl Replies {
         let mut pauses = nack_backoff().build();
         loop {
             match self.send_once(to, &properties, body, abandon, vouch).await {
-                Err(Failure::Nacked) => {
+                Err(AttemptFailure::Nacked) => {
                     let Some(pause) = pauses.next() else {
                         return Err(ReplyError::Unavailable(
                             "the broker kept nacking the reply (is its queue full, or without a leader?)"
@@ -212,8 +212,8 @@ impl Replies {
                         .await
                         .ok_or(ReplyError::Abandoned)?;
                 }
-                Err(Failure::Open(why)) => return Err(ReplyError::Unavailable(why)),
-                Err(Failure::Failed(error, _)) => return Err(self.judge(error, body.len())),
+                Err(AttemptFailure::Open(why)) => return Err(ReplyError::Unavailable(why)),
+                Err(AttemptFailure::Failed(error, _)) => return Err(self.judge(error, body.len())),
                 Ok(sent) => return sent,
             }
         }
@@ -228,7 +228,7 @@ impl Replies {
         body: &[u8],
         abandon: &CancellationToken,
         vouch: Vouch,
-    ) -> Result<Result<(), ReplyError>, Failure> {
+    ) -> Result<Result<(), ReplyError>, AttemptFailure> {
         let first = {
             let Some(_shared) = abandon.run_until_cancelled(self.gate.read()).await else {
                 return Ok(Err(ReplyError::Abandoned));
@@ -240,7 +240,7 @@ impl Replies {
         let generation = match first {
             None => return Ok(Err(ReplyError::Abandoned)),
             Some(Ok(())) => return Ok(Ok(())),
-            Some(Err(Failure::Failed(error, generation))) => {
+            Some(Err(AttemptFailure::Failed(error, generation))) => {
                 tracing::debug!(to = %to.routing_key, "reply failed, sending it again alone: {error}");
                 generation
             }
@@ -256,9 +256,9 @@ impl Replies {
         {
             None => Ok(Err(ReplyError::Abandoned)),
             Some(Ok(())) => Ok(Ok(())),
-            Some(Err(Failure::Failed(error, generation))) => {
+            Some(Err(AttemptFailure::Failed(error, generation))) => {
                 self.forget(generation).await;
-                Err(Failure::Failed(error, generation))
+                Err(AttemptFailure::Failed(error, generation))
             }
             Some(Err(other)) => Err(other),
         }
@@ -293,8 +293,8 @@ impl Replies {
         properties: &BasicProperties,
         body: &[u8],
         vouch: Vouch,
-    ) -> Result<(), Failure> {
-        let (channel, generation, broker) = self.channel().await.map_err(Failure::Open)?;
+    ) -> Result<(), AttemptFailure> {
+        let (channel, generation, broker) = self.channel().await.map_err(AttemptFailure::Open)?;
         let mut properties = properties.clone();
         if vouch == Vouch::Yes
             && let Some(user) = self.brokers.get(broker).user()
@@ -316,12 +316,12 @@ impl Replies {
         };
         match confirmation {
             Ok(Ok(confirmation)) if confirmation.is_ack() => Ok(()),
-            Ok(Ok(_)) => Err(Failure::Nacked),
-            Ok(Err(error)) => Err(Failure::Failed(error, generation)),
+            Ok(Ok(_)) => Err(AttemptFailure::Nacked),
+            Ok(Err(error)) => Err(AttemptFailure::Failed(error, generation)),
             // A channel that confirms nothing is no use: open another.
             Err(_) => {
                 self.forget(generation).await;
-                Err(Failure::Open(format!(
+                Err(AttemptFailure::Open(format!(
                     "the broker did not confirm the reply within {} s",
                     CONFIRM_TIMEOUT.as_secs()
                 )))

@@ -220,12 +220,12 @@ async fn handle_in_span(
             return;
         }
         Target::Module(module) => match run_module(context, module, request, &delivery).await {
-            Ran::Answer(outcome) => outcome,
-            Ran::GiveBack => {
+            Handled::Answer(outcome) => outcome,
+            Handled::GiveBack => {
                 ticket.settle(Settlement::Requeue);
                 return;
             }
-            Ran::Lost => return,
+            Handled::Lost => return,
         },
     };
     outcome.reply.trace = request.trace.clone();
@@ -280,7 +280,7 @@ struct Outcome {
 }
 
 /// What became of a request for a module.
-enum Ran {
+enum Handled {
     /// It ran, or was refused: this is its answer.
     Answer(Outcome),
     /// The node is stopping: back to its queue, for another node.
@@ -296,9 +296,9 @@ async fn run_module(
     module: Arc<LoadedModule>,
     request: &Request,
     delivery: &Delivery,
-) -> Ran {
+) -> Handled {
     if let Some(reply) = poison_check(context, &module.name, request.delivery_count) {
-        return Ran::Answer(Outcome {
+        return Handled::Answer(Outcome {
             reply,
             settlement: Settlement::DeadLetter,
             ran: None,
@@ -307,7 +307,7 @@ async fn run_module(
     let deadline = match &request.deadline {
         Ok(deadline) => *deadline,
         Err(message) => {
-            return Ran::Answer(Outcome {
+            return Handled::Answer(Outcome {
                 reply: Response::error(
                     ErrorKind::BadRequest,
                     format!("{}: {message}", module.name),
@@ -326,7 +326,7 @@ async fn run_module(
             size: delivery.data.len(),
             limit,
         };
-        return Ran::Answer(Outcome {
+        return Handled::Answer(Outcome {
             reply: Response {
                 version: Some(module.version.clone()),
                 ..Response::error(ErrorKind::from(&error), format!("{}: {error}", module.name))
@@ -339,11 +339,11 @@ async fn run_module(
         permit = context.node.admission.admit(&module.name) => permit,
         () = context.node.stopping.cancelled() => {
             tracing::debug!("node stopping: returning request to its queue");
-            return Ran::GiveBack;
+            return Handled::GiveBack;
         }
         () = context.lost.cancelled() => {
             tracing::debug!("session lost before the request ran: the broker hands it out again");
-            return Ran::Lost;
+            return Handled::Lost;
         }
     };
     tracing::debug!(redelivered = delivery.redelivered, "running");
@@ -354,11 +354,11 @@ async fn run_module(
         // the requests of the next session.
         () = context.lost.cancelled() => {
             tracing::debug!("session lost while the request ran: stopped it; the broker hands it out again");
-            return Ran::Lost;
+            return Handled::Lost;
         }
     };
     drop((running, permit));
-    Ran::Answer(Outcome {
+    Handled::Answer(Outcome {
         reply,
         settlement: Settlement::Ack,
         ran: Some(module.name.clone()),

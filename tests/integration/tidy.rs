@@ -141,3 +141,32 @@ fn the_http_endpoint_only_reads_through_a_probe() {
     });
     assert!(found.is_empty(), "{found:?}");
 }
+
+#[test]
+fn a_type_name_means_one_thing_in_the_crate() {
+    let mut seen: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    for (path, code) in sources() {
+        for line in code.lines() {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            let Some(at) = words
+                .iter()
+                .position(|word| matches!(*word, "struct" | "enum" | "trait"))
+            else {
+                continue;
+            };
+            // `pub(crate) struct Name<T> {`, not `impl Trait for X` nor a string.
+            if words[..at].iter().any(|word| !word.starts_with("pub")) {
+                continue;
+            }
+            if let Some(name) = words.get(at + 1) {
+                let name: String = name
+                    .chars()
+                    .take_while(|c| c.is_alphanumeric() || *c == '_')
+                    .collect();
+                seen.entry(name).or_default().push(path.clone());
+            }
+        }
+    }
+    let twice: Vec<_> = seen.iter().filter(|(_, paths)| paths.len() > 1).collect();
+    assert!(twice.is_empty(), "{twice:?}");
+}

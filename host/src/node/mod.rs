@@ -32,7 +32,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use self::session::{Ended, OpenError, Session};
+use self::session::{OpenError, Session, SessionEnd};
 use crate::amqp::Brokers;
 use crate::deploy::TrustedKeys;
 use crate::metrics::Metrics;
@@ -390,13 +390,13 @@ impl Node {
                 .serve(&mut self.updates, &mut shutdown, &tasks)
                 .await
             {
-                Ended::Shutdown => {
+                SessionEnd::Shutdown => {
                     self.state.send_replace(State::Stopping);
                     self.following.abort();
                     session.stop(&tasks).await;
                     break Ok(());
                 }
-                Ended::Lost(error) => {
+                SessionEnd::Lost(error) => {
                     self.shared
                         .shown
                         .subscribed

@@ -85,7 +85,7 @@ impl OpenError {
 }
 
 /// How a session's serving ended.
-pub(super) enum Ended {
+pub(super) enum SessionEnd {
     /// The node's shutdown signal came.
     Shutdown,
     /// The connection or the consuming channel failed.
@@ -267,7 +267,7 @@ impl Session {
         updates: &mut mpsc::UnboundedReceiver<Update>,
         shutdown: &mut Pin<&mut impl Future<Output = ()>>,
         tasks: &TaskTracker,
-    ) -> Ended {
+    ) -> SessionEnd {
         // Requests for modules that failed to load while no session was
         // open may wait in their queues: they are answered why.
         for (name, why) in self.shared.modules.loader.failures() {
@@ -276,7 +276,7 @@ impl Session {
         loop {
             tokio::select! {
                 biased;
-                () = shutdown.as_mut() => return Ended::Shutdown,
+                () = shutdown.as_mut() => return SessionEnd::Shutdown,
                 Some(update) = updates.recv() => {
                     self.follow(update, tasks).await;
                     self.publish_subscribed();
@@ -285,16 +285,16 @@ impl Session {
                     Some((source, Some(Ok(delivery)))) => self.dispatch(source, delivery, tasks).await,
                     Some((source, Some(Err(error)))) => {
                         // lapin's error already names its cause: don't chain it.
-                        return Ended::Lost(anyhow::anyhow!("consuming {source} failed: {error}"));
+                        return SessionEnd::Lost(anyhow::anyhow!("consuming {source} failed: {error}"));
                     }
                     Some((Source::Module(name), None)) => {
                         self.ended(name, tasks).await;
                         self.publish_subscribed();
                     }
                     Some((source, None)) => {
-                        return Ended::Lost(anyhow::anyhow!("the broker cancelled the subscription to {source}"));
+                        return SessionEnd::Lost(anyhow::anyhow!("the broker cancelled the subscription to {source}"));
                     }
-                    None => return Ended::Lost(anyhow::anyhow!("no subscriptions left")),
+                    None => return SessionEnd::Lost(anyhow::anyhow!("no subscriptions left")),
                 },
             }
         }
@@ -463,10 +463,12 @@ impl Session {
             .ended(&self.connection, &self.consume, &name)
             .await
         {
-            Ok(subscriptions::Ended::Resubscribed(stream)) => {
+            Ok(subscriptions::AfterEnd::Resubscribed(stream)) => {
                 self.deliveries.insert(Source::Module(name), stream);
             }
-            Ok(subscriptions::Ended::Retire(declared)) => self.retire(name, declared, None, tasks),
+            Ok(subscriptions::AfterEnd::Retire(declared)) => {
+                self.retire(name, declared, None, tasks)
+            }
             Err(error) => tracing::error!(module = %name, "cannot serve the module: {error:#}"),
         }
     }

@@ -28,7 +28,7 @@ use crate::request::{self, Context};
 use crate::settler::Settler;
 use crate::wire::Topology;
 
-enum State {
+enum Phase {
     /// Its queue is declared and bound, so requests wait there, but this
     /// node does not consume it yet: the module is being loaded.
     Prepared,
@@ -44,7 +44,7 @@ enum State {
 pub(super) type Wanted = Arc<std::sync::Mutex<std::collections::BTreeSet<ModuleName>>>;
 
 /// What to do once a module's subscription has ended.
-pub(super) enum Ended {
+pub(super) enum AfterEnd {
     Resubscribed(Deliveries),
     /// Nobody here serves it any more: see [`retire`]. When this node last
     /// declared its queue, if it did.
@@ -69,7 +69,7 @@ pub(super) struct Subscriptions {
     delivery_limit: u32,
     /// Consumer tags must be unique on a channel, also across resubscriptions.
     next_tag: u64,
-    modules: HashMap<ModuleName, State>,
+    modules: HashMap<ModuleName, Phase>,
     /// When this session last declared each module's queue.
     declared: HashMap<ModuleName, Instant>,
     /// The modules whose queues this session wants (prepared or consumed),
@@ -126,7 +126,7 @@ impl Subscriptions {
         self.declared.insert(name.clone(), Instant::now());
         let tag = self.tag(name.as_str());
         let deliveries = start_consuming(consume, &queue?, &tag, false).await?;
-        self.modules.insert(name.clone(), State::Active { tag });
+        self.modules.insert(name.clone(), Phase::Active { tag });
         self.want(name, true);
         Ok(deliveries)
     }
@@ -150,7 +150,7 @@ impl Subscriptions {
         let _ = declare.close(200, "declared".into()).await;
         queue?;
         self.declared.insert(name.clone(), Instant::now());
-        self.modules.insert(name.clone(), State::Prepared);
+        self.modules.insert(name.clone(), Phase::Prepared);
         self.want(name, true);
         Ok(())
     }
@@ -159,7 +159,7 @@ impl Subscriptions {
     /// when this session last declared it, for [`retire`].
     pub fn failed(&mut self, name: &ModuleName) -> Option<Instant> {
         match self.modules.get(name) {
-            Some(State::Prepared) | None => {
+            Some(Phase::Prepared) | None => {
                 self.modules.remove(name);
                 self.want(name, false);
                 self.declared.remove(name)
@@ -187,7 +187,7 @@ impl Subscriptions {
     pub fn bound(&self, name: &ModuleName) -> bool {
         matches!(
             self.modules.get(name),
-            Some(State::Prepared | State::Active { .. })
+            Some(Phase::Prepared | Phase::Active { .. })
         )
     }
 
@@ -200,11 +200,11 @@ impl Subscriptions {
         name: &ModuleName,
     ) -> anyhow::Result<Option<Deliveries>> {
         match self.modules.get_mut(name) {
-            None | Some(State::Prepared) => {
+            None | Some(Phase::Prepared) => {
                 self.subscribe(connection, consume, name).await.map(Some)
             }
-            Some(State::Active { .. }) => Ok(None),
-            Some(State::Cancelling { come_back }) => {
+            Some(Phase::Active { .. }) => Ok(None),
+            Some(Phase::Cancelling { come_back }) => {
                 *come_back = true;
                 Ok(None)
             }
@@ -213,7 +213,7 @@ impl Subscriptions {
 
     /// The module left the registry: stop the broker sending its requests.
     pub async fn removed(&mut self, consume: &Channel, name: &ModuleName) {
-        if let Some(State::Active { tag }) = self.modules.get(name) {
+        if let Some(Phase::Active { tag }) = self.modules.get(name) {
             if let Err(error) = consume
                 .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
                 .await
@@ -221,7 +221,7 @@ impl Subscriptions {
                 tracing::warn!(module = %name, "failed to cancel the subscription: {error}");
             }
             self.modules
-                .insert(name.clone(), State::Cancelling { come_back: false });
+                .insert(name.clone(), Phase::Cancelling { come_back: false });
         }
     }
 
@@ -231,20 +231,20 @@ impl Subscriptions {
         connection: &Connection,
         consume: &Channel,
         name: &ModuleName,
-    ) -> anyhow::Result<Ended> {
+    ) -> anyhow::Result<AfterEnd> {
         match self.modules.remove(name) {
-            Some(State::Cancelling { come_back: false } | State::Prepared) | None => {
+            Some(Phase::Cancelling { come_back: false } | Phase::Prepared) | None => {
                 self.want(name, false);
-                Ok(Ended::Retire(self.declared.remove(name)))
+                Ok(AfterEnd::Retire(self.declared.remove(name)))
             }
-            Some(State::Cancelling { come_back: true }) => Ok(Ended::Resubscribed(
+            Some(Phase::Cancelling { come_back: true }) => Ok(AfterEnd::Resubscribed(
                 self.subscribe(connection, consume, name).await?,
             )),
-            Some(State::Active { .. }) => {
+            Some(Phase::Active { .. }) => {
                 // Not ours: the broker cancelled it, as it does when the queue
                 // is deleted. The module is still served here: declare it again.
                 tracing::warn!(module = %name, "the broker cancelled the module's subscription; subscribing again");
-                Ok(Ended::Resubscribed(
+                Ok(AfterEnd::Resubscribed(
                     self.subscribe(connection, consume, name).await?,
                 ))
             }
@@ -255,15 +255,15 @@ impl Subscriptions {
     pub fn active(&self) -> impl Iterator<Item = &ModuleName> {
         self.modules
             .iter()
-            .filter(|(_, state)| matches!(state, State::Active { .. }))
+            .filter(|(_, state)| matches!(state, Phase::Active { .. }))
             .map(|(name, _)| name)
     }
 
     /// Cancels every subscription, for shutdown.
     pub async fn cancel_all(&mut self, consume: &Channel) {
         let modules = self.modules.drain().filter_map(|(_, state)| match state {
-            State::Active { tag } => Some((consume.clone(), tag)),
-            State::Prepared | State::Cancelling { .. } => None,
+            Phase::Active { tag } => Some((consume.clone(), tag)),
+            Phase::Prepared | Phase::Cancelling { .. } => None,
         });
         for (channel, tag) in modules.chain(self.others.drain(..)).collect::<Vec<_>>() {
             if let Err(error) = channel
