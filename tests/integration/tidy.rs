@@ -170,3 +170,133 @@ fn a_type_name_means_one_thing_in_the_crate() {
     let twice: Vec<_> = seen.iter().filter(|(_, paths)| paths.len() > 1).collect();
     assert!(twice.is_empty(), "{twice:?}");
 }
+
+/// A module's path in the crate (`node/session.rs` is `["node", "session"]`).
+fn module_path(file: &str) -> Vec<String> {
+    let mut parts: Vec<String> = file
+        .trim_end_matches(".rs")
+        .split('/')
+        .map(str::to_owned)
+        .collect();
+    if matches!(
+        parts.last().map(String::as_str),
+        Some("mod" | "lib" | "main")
+    ) {
+        parts.pop();
+    }
+    parts
+}
+
+/// The files each file imports from: every `crate::`, `super::` and
+/// `self::` path (and `{a, b}` groups after one), and every path through a
+/// child module, resolved to the longest prefix that is a file.
+fn imports() -> std::collections::BTreeMap<String, std::collections::BTreeSet<String>> {
+    let files = sources();
+    let names: std::collections::BTreeSet<&str> =
+        files.iter().map(|(path, _)| path.as_str()).collect();
+    let resolve = |segments: &[String]| -> Option<String> {
+        (0..=segments.len()).rev().find_map(|n| {
+            let prefix = segments[..n].join("/");
+            let candidates = if n == 0 {
+                vec!["lib.rs".to_owned()]
+            } else {
+                vec![format!("{prefix}.rs"), format!("{prefix}/mod.rs")]
+            };
+            candidates
+                .into_iter()
+                .find(|candidate| names.contains(candidate.as_str()))
+        })
+    };
+    let mut graph = std::collections::BTreeMap::new();
+    for (path, code) in &files {
+        let me = module_path(path);
+        let mut found = std::collections::BTreeSet::new();
+        let words: Vec<(usize, &str)> = code
+            .match_indices(|c: char| !(c.is_alphanumeric() || c == '_' || c == ':'))
+            .scan(0, |start, (at, _)| {
+                let word = (*start, &code[*start..at]);
+                *start = at + 1;
+                Some(word)
+            })
+            .collect();
+        for (at, word) in words {
+            let mut segments: Vec<&str> = word.split("::").collect();
+            let base: Vec<String> = match segments.first().copied() {
+                // `pub(super)` and `pub(in crate::x)` are visibility, not use.
+                Some("crate") if !code[..at].ends_with("in ") => Vec::new(),
+                Some("super") if !code[..at].ends_with("pub(") => me[..me.len() - 1].to_vec(),
+                Some("self") => me.clone(),
+                Some(child)
+                    if segments.len() > 1
+                        && names.contains(
+                            format!(
+                                "{}.rs",
+                                [me.clone(), vec![child.to_owned()]].concat().join("/")
+                            )
+                            .as_str(),
+                        ) =>
+                {
+                    segments.insert(0, "self");
+                    me.clone()
+                }
+                _ => continue,
+            };
+            let mut full = base;
+            full.extend(
+                segments[1..]
+                    .iter()
+                    .filter(|s| !s.is_empty())
+                    .map(|s| s.to_string()),
+            );
+            let mut targets = vec![full.clone()];
+            // A group: `super::{Shared, control}`.
+            if code[at + word.len()..].starts_with('{') {
+                let group = &code[at + word.len() + 1..];
+                let group = &group[..group.find('}').unwrap_or(0)];
+                for item in group.split(',') {
+                    let item = item.trim().split("::").next().unwrap_or_default();
+                    if !item.is_empty() && item != "self" {
+                        targets.push([full.clone(), vec![item.to_owned()]].concat());
+                    }
+                }
+            }
+            for target in targets {
+                if let Some(file) = resolve(&target)
+                    && file != *path
+                {
+                    found.insert(file);
+                }
+            }
+        }
+        graph.insert(path.clone(), found);
+    }
+    graph
+}
+
+#[test]
+fn no_two_files_import_each_other_even_through_others() {
+    let graph = imports();
+    // The session imports the control queue's file: the checker sees that.
+    assert!(
+        graph["node/session.rs"].contains("node/control.rs"),
+        "{graph:?}"
+    );
+    let mut cycles = Vec::new();
+    for start in graph.keys() {
+        // Every file `start` reaches; a cycle if it reaches itself.
+        let mut seen = std::collections::BTreeSet::new();
+        let mut next: Vec<&String> = graph[start].iter().collect();
+        while let Some(file) = next.pop() {
+            if seen.insert(file.clone()) {
+                next.extend(graph.get(file).into_iter().flatten());
+            }
+        }
+        if seen.contains(start) {
+            cycles.push(start.clone());
+        }
+    }
+    assert!(
+        cycles.is_empty(),
+        "these files reach themselves through their imports: {cycles:?}"
+    );
+}

@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use super::{Failure, Global};
+use super::common::{Failure, Global};
 use crate::bench::BenchConfig;
 use crate::client::Client;
 use crate::units::parse_duration;

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use clap::Args;
 
-use super::{Failure, Global, print_body, read_input};
+use super::common::{Failure, Global, print_body, read_input};
 use crate::client::{CallOptions, Client, ClientError};
 use crate::trace::TraceParent;
 use crate::units::parse_duration;

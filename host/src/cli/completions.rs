@@ -1,9 +1,9 @@
 //! `wasmrpc completions`: shell completions, generated from the flags.
 
-use clap::{Args, CommandFactory as _};
+use clap::Args;
 use clap_complete::Shell;
 
-use super::{Cli, Failure};
+use super::common::Failure;
 
 /// Print a completion script for a shell.
 ///
@@ -17,12 +17,7 @@ pub(super) struct CompletionsArgs {
     shell: Shell,
 }
 
-pub(super) fn run(args: CompletionsArgs) -> Result<(), Failure> {
-    clap_complete::generate(
-        args.shell,
-        &mut Cli::command(),
-        "wasmrpc",
-        &mut std::io::stdout(),
-    );
+pub(super) fn run(args: CompletionsArgs, mut cli: clap::Command) -> Result<(), Failure> {
+    clap_complete::generate(args.shell, &mut cli, "wasmrpc", &mut std::io::stdout());
     Ok(())
 }

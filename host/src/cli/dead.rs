@@ -5,7 +5,7 @@ use std::time::Duration;
 use clap::Args;
 use lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions};
 
-use super::{Failure, Global};
+use super::common::{Failure, Global};
 use crate::dead::DeadLetter;
 use crate::logging::Escaped;
 use crate::wire::{Topology, unix_time};

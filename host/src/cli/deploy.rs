@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::Args;
 
-use super::{Failure, Global};
+use super::common::{Failure, Global};
 use crate::amqp::ControlLimit;
 use crate::client::{Answer, Client, FleetAnswers};
 use crate::deploy::{Ack, Action, Order, SecretKey};

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use clap::Args;
 
-use super::{Failure, Global};
+use super::common::{Failure, Global};
 use crate::client::Client;
 use crate::units::parse_duration;
 use crate::wire::NodeStatus;

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use clap::Args;
 
-use super::Failure;
+use super::common::Failure;
 
 /// Exit 0 if the node's HTTP endpoint says it is ready, 1 otherwise.
 ///

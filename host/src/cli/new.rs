@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use clap::{Args, ValueEnum};
 
-use super::Failure;
+use super::common::Failure;
 use crate::names::ModuleName;
 
 /// Start a module: make a guest project that builds into `modules/NAME.wasm`.

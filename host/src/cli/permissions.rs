@@ -3,7 +3,7 @@
 
 use clap::{Args, ValueEnum};
 
-use super::{Failure, Global};
+use super::common::{Failure, Global};
 use crate::names::ModuleName;
 use crate::permissions::{self, Role};
 use crate::wire::Topology;

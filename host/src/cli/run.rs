@@ -4,8 +4,8 @@ use std::path::PathBuf;
 
 use clap::Args;
 
+use super::common::{Failure, print_body, read_input};
 use super::serve::{CacheArgs, LimitArgs};
-use super::{Failure, print_body, read_input};
 use crate::names::ModuleName;
 use crate::registry;
 use crate::runtime::{Runtime, RuntimeConfig};

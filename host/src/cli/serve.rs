@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::Args;
 
-use super::{Failure, Global, parse_size, runtime};
+use super::common::{Failure, Global, parse_size, runtime};
 use crate::deploy::TrustedKeys;
 use crate::http;
 use crate::manifest::LimitOverrides;

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::{Args, Subcommand};
 
-use super::{Failure, Global};
+use super::common::{Failure, Global};
 use crate::amqp::{self, Deleted};
 use crate::client::{Client, ClientError};
 use crate::names::ModuleName;

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use lapin::message::Delivery;
 
-use super::Shared;
+use super::shared::Shared;
 use crate::deploy::{self, Ack, Action};
 use crate::logging::Escaped;
 use crate::request::{self, Context, Response};

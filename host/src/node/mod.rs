@@ -16,11 +16,12 @@ mod control;
 mod deploys;
 mod probe;
 mod session;
+mod shared;
 mod subscriptions;
 
 pub use self::probe::Probe;
+pub use self::shared::State;
 
-use std::collections::BTreeSet;
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
@@ -33,6 +34,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use self::session::{OpenError, Session, SessionEnd};
+use self::shared::{Identity, Modules, Shared, Shown};
 use crate::amqp::Brokers;
 use crate::deploy::TrustedKeys;
 use crate::metrics::Metrics;
@@ -124,18 +126,6 @@ pub fn default_prefetch(concurrency: u32) -> u16 {
     u16::try_from(concurrency.saturating_mul(16)).unwrap_or(u16::MAX)
 }
 
-/// Where a node stands with its broker.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum State {
-    /// Waiting for a broker to answer: at start, or after losing one.
-    Connecting,
-    /// Subscribed to every module it serves, through session `session` (the
-    /// first is 1) on `broker`.
-    Serving { broker: String, session: u64 },
-    /// Shutting down: it takes no new requests.
-    Stopping,
-}
-
 /// The delay before a session is opened again: from 100 ms, doubling, up
 /// to 1 s, each with up to as much again of jitter, so that a fleet that
 /// lost its broker does not come back in step. A node is back within 2 s
@@ -146,51 +136,6 @@ fn reconnect_backoff() -> ExponentialBuilder {
         .with_max_delay(Duration::from_secs(1))
         .with_jitter()
         .without_max_times()
-}
-
-/// What every session of a node shares, in parts that say what they are;
-/// each task gets the parts it uses.
-pub(crate) struct Shared {
-    /// Who the node is, and what it was configured to run with.
-    pub identity: Identity,
-    /// What every request uses, made once.
-    pub requests: Arc<Requests>,
-    /// The modules: served, being loaded or failed, and deployed.
-    pub modules: Modules,
-    /// What the node shows outside (fleet answers, `/metrics`, `/readyz`).
-    pub shown: Shown,
-}
-
-/// Who a node is, and what it was configured to run with.
-pub(crate) struct Identity {
-    pub id: String,
-    pub host: String,
-    pub concurrency: u32,
-    /// Requests in progress at once, at most.
-    pub instances: u32,
-    pub prefetch: u16,
-    pub delivery_limit: u32,
-    pub topology: Topology,
-}
-
-/// A node's modules.
-pub(crate) struct Modules {
-    pub registry: Arc<Registry>,
-    /// What is being loaded, and what failed to.
-    pub loader: Arc<Loader>,
-    /// How it takes deploys, if it does.
-    pub deploys: Option<Arc<deploys::Deploys>>,
-}
-
-/// What a node shows outside: what it did (stats, metrics, which the
-/// requests count into) and where it stands with the broker.
-pub(crate) struct Shown {
-    pub stats: Arc<Stats>,
-    pub metrics: Arc<Metrics>,
-    /// The modules the current session is subscribed to; empty without one.
-    pub subscribed: Mutex<BTreeSet<ModuleName>>,
-    /// Why the node has no session, while it has none.
-    pub broker_error: Mutex<Option<String>>,
 }
 
 /// A node that has loaded its modules; [`Node::serve`] connects it.

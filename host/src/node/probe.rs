@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use super::{Shared, State};
+use super::shared::{Shared, State};
 use crate::metrics::Snapshot;
 
 /// A view of a running node; clone-cheap.

@@ -24,8 +24,9 @@ use tokio::sync::mpsc;
 use tokio_stream::{StreamExt as _, StreamMap};
 use tokio_util::task::TaskTracker;
 
+use super::control;
+use super::shared::Shared;
 use super::subscriptions::{self, Deliveries, Subscriptions};
-use super::{Shared, control};
 use crate::amqp::{self, Brokers, ControlLimit};
 use crate::names::ModuleName;
 use crate::registry::Update;

@@ -21,7 +21,7 @@ use wasmtime_wasi::p2::pipe::MemoryInputPipe;
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-use super::Limits;
+use super::limits::Limits;
 
 /// How much of a guest's stdout and of its stderr is kept; the rest is dropped.
 pub const OUTPUT_CAPTURE: usize = 16 << 10;
