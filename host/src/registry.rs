@@ -487,10 +487,11 @@ async fn prepare(
             path.with_extension("toml").display()
         )
     })?;
+    let wasm = Wasm::new(bytes);
     let content_type = manifest
         .content_type
-        .unwrap_or_else(|| DEFAULT_CONTENT_TYPE.to_owned());
-    let wasm = Wasm::new(bytes);
+        .as_deref()
+        .unwrap_or(DEFAULT_CONTENT_TYPE);
     if let Some(current) = current
         && current.module.digest() == wasm.digest()
         && *current.module.limits() == limits
@@ -498,17 +499,39 @@ async fn prepare(
     {
         return Ok(None);
     }
-    let runtime = runtime.clone();
-    let module = tokio::task::spawn_blocking(move || runtime.compile(&wasm, &limits))
-        .await
-        .context("the compiler thread panicked")??;
-    Ok(Some(LoadedModule {
+    let (runtime, name, path) = (runtime.clone(), name.clone(), path.to_owned());
+    let module = tokio::task::spawn_blocking(move || {
+        compile(&runtime, &name, &path, &manifest, &wasm, limits)
+    })
+    .await
+    .context("the compiler thread panicked")??;
+    Ok(Some(module))
+}
+
+/// The last step of making a module servable, wherever it comes from (a
+/// file, `wasmrpc run`, a deploy): compiled within `limits` (what
+/// [`limits_of`] made of its manifest), named by its digest, with its
+/// manifest's content type. Blocks for as long as compiling takes: call it
+/// off the async workers.
+pub fn compile(
+    runtime: &Runtime,
+    name: &ModuleName,
+    path: &Path,
+    manifest: &Manifest,
+    wasm: &Wasm,
+    limits: Limits,
+) -> anyhow::Result<LoadedModule> {
+    let module = runtime.compile(wasm, &limits)?;
+    Ok(LoadedModule {
         name: name.clone(),
         version: module.digest()[..16].to_owned(),
         module,
         path: path.to_owned(),
-        content_type,
-    }))
+        content_type: manifest
+            .content_type
+            .clone()
+            .unwrap_or_else(|| DEFAULT_CONTENT_TYPE.to_owned()),
+    })
 }
 
 /// The limits a module serves within: `base` (the node's) changed by its

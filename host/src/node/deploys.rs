@@ -28,10 +28,9 @@ use crate::deploy::{self, Action, Order, Refusal, Stamp, TrustedKeys};
 use crate::files::Transaction;
 use crate::manifest::Manifest;
 use crate::names::ModuleName;
-use crate::registry::{self, LoadedModule, Loader};
+use crate::registry::{self, Loader};
 use crate::runtime::{Limits, Runtime, Wasm};
 use crate::units::Bytes;
-use crate::wire::DEFAULT_CONTENT_TYPE;
 
 /// Where a node keeps, per module, the last order it took, inside its
 /// modules directory (the loader ignores names that start with a dot).
@@ -188,10 +187,14 @@ impl Deploys {
             .map_err(|error| invalid(format!("invalid manifest: {error}")))?;
         // Compiled here first: a broken module never reaches the directory,
         // and the version served keeps serving.
+        // What the loader would make of the files: it serves this at once,
+        // and finds nothing to compile when the watcher shows it them.
         let runtime = self.runtime.clone();
+        let path = self.dir.join(format!("{}.wasm", order.name));
         let (order, compiled) = tokio::task::spawn_blocking(move || {
             let wasm = Wasm::new(order.module);
-            let compiled = runtime.compile(&wasm, &limits);
+            let compiled =
+                registry::compile(&runtime, &order.name, &path, &manifest, &wasm, limits);
             (
                 Order {
                     module: wasm.into_bytes(),
@@ -202,21 +205,9 @@ impl Deploys {
         })
         .await
         .map_err(|_| invalid("the compiler thread panicked".into()))?;
-        let module = compiled
+        let loaded = compiled
             .map_err(|error| invalid(format!("not a module this node can serve: {error:#}")))?;
-        let version = module.digest()[..16].to_owned();
-        // What the loader would make of the files: it serves this at once,
-        // and finds nothing to compile when the watcher shows it them.
-        let loaded = LoadedModule {
-            name: order.name.clone(),
-            version: version.clone(),
-            module,
-            path: self.dir.join(format!("{}.wasm", order.name)),
-            content_type: manifest
-                .content_type
-                .clone()
-                .unwrap_or_else(|| DEFAULT_CONTENT_TYPE.to_owned()),
-        };
+        let version = loaded.version.clone();
 
         let record = Record {
             stamp: order.stamp.clone(),
