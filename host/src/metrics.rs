@@ -9,9 +9,17 @@
 //!
 //! Counters and histograms are updated by request tasks as things happen;
 //! gauges of state the node keeps anyway (requests running, free slots,
-//! modules loaded) are read when scraped, so they cost nothing per request.
+//! modules loaded) are read when scraped, by a collector, so they cost
+//! nothing per request and a scrape changes nothing.
 
+use std::fmt;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric as _};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::gauge::ConstGauge;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -123,11 +131,62 @@ impl Limit {
 }
 
 /// The state a scrape reads rather than the node counting it as it goes.
-pub struct Snapshot<'a> {
+pub struct Readings {
     pub running: usize,
     pub slots_free: usize,
-    pub modules: Vec<(&'a ModuleName, &'a str)>,
+    /// Each module served, with its version.
+    pub modules: Vec<(String, String)>,
     pub connected: bool,
+}
+
+/// Where the gauges are read from, once the node has said so.
+type ReadingsSource = Arc<OnceLock<Box<dyn Fn() -> Option<Readings> + Send + Sync>>>;
+
+/// The gauges, read from the node at each scrape.
+struct Gauges(ReadingsSource);
+
+impl fmt::Debug for Gauges {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Gauges")
+    }
+}
+
+impl Collector for Gauges {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
+        let Some(now) = self.0.get().and_then(|read| read()) else {
+            return Ok(());
+        };
+        let mut gauge = |name: &str, help: &str, value: i64| -> fmt::Result {
+            let gauge = ConstGauge::new(value);
+            gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)
+        };
+        gauge(
+            "requests_running",
+            "Requests in progress now",
+            now.running as i64,
+        )?;
+        gauge(
+            "slots_free",
+            "Instances free for more requests now",
+            now.slots_free as i64,
+        )?;
+        gauge(
+            "broker_connected",
+            "1 while the node has a session on a broker, 0 while it waits for one",
+            i64::from(now.connected),
+        )?;
+        let mut modules = encoder.encode_descriptor(
+            "module",
+            "The modules served, with their versions (always 1)",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (module, version) in now.modules {
+            let labels = VersionLabels { module, version };
+            ConstGauge::new(1i64).encode(modules.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
 }
 
 /// Every metric a node exports. One per node, shared by its tasks.
@@ -138,11 +197,8 @@ pub struct Metrics {
     run_time: Histograms,
     queue_wait: Histograms,
     limits: Family<LimitLabels, Counter>,
-    running: Gauge,
-    slots_free: Gauge,
-    modules: Family<VersionLabels, Gauge>,
-    connected: Gauge,
     reconnects: Counter,
+    readings: ReadingsSource,
 }
 
 impl Default for Metrics {
@@ -180,30 +236,6 @@ impl Default for Metrics {
             "Requests stopped by a limit, by module and limit",
             limits.clone(),
         );
-        let running = Gauge::default();
-        registry.register(
-            "requests_running",
-            "Requests in progress now",
-            running.clone(),
-        );
-        let slots_free = Gauge::default();
-        registry.register(
-            "slots_free",
-            "Instances free for more requests now",
-            slots_free.clone(),
-        );
-        let modules = Family::default();
-        registry.register(
-            "module",
-            "The modules served, with their versions (always 1)",
-            modules.clone(),
-        );
-        let connected = Gauge::default();
-        registry.register(
-            "broker_connected",
-            "1 while the node has a session on a broker, 0 while it waits for one",
-            connected.clone(),
-        );
         let reconnects = Counter::default();
         registry.register(
             "broker_reconnects",
@@ -217,6 +249,8 @@ impl Default for Metrics {
             })
             .set(1);
         registry.register("build", "The wasmrpc version (always 1)", build);
+        let readings = ReadingsSource::default();
+        registry.register_collector(Box::new(Gauges(readings.clone())));
         Metrics {
             registry,
             requests,
@@ -224,11 +258,8 @@ impl Default for Metrics {
             run_time,
             queue_wait,
             limits,
-            running,
-            slots_free,
-            modules,
-            connected,
             reconnects,
+            readings,
         }
     }
 }
@@ -283,21 +314,14 @@ impl Metrics {
         self.reconnects.inc();
     }
 
-    /// The exposition, with the gauges read from `now`.
-    pub fn encode(&self, now: Snapshot<'_>) -> String {
-        self.running.set(now.running as i64);
-        self.slots_free.set(now.slots_free as i64);
-        self.connected.set(i64::from(now.connected));
-        // Rebuilt from the registry: a replaced version's line goes with it.
-        self.modules.clear();
-        for (module, version) in now.modules {
-            self.modules
-                .get_or_create(&VersionLabels {
-                    module: module.to_string(),
-                    version: version.to_owned(),
-                })
-                .set(1);
-        }
+    /// Has each scrape read the gauges from `read` (`None`: the node is
+    /// gone, and they are left out). Once: later calls change nothing.
+    pub fn read_gauges_from(&self, read: impl Fn() -> Option<Readings> + Send + Sync + 'static) {
+        let _ = self.readings.set(Box::new(read));
+    }
+
+    /// The exposition. Reads the gauges; changes nothing.
+    pub fn encode(&self) -> String {
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &self.registry)
             .expect("writing to a String cannot fail");
@@ -317,12 +341,16 @@ mod tests {
         metrics.answered(&fib, Some(ErrorKind::Timeout));
         metrics.tripped(&fib, Limit::Time);
         metrics.ran(&fib, Duration::from_millis(3));
-        let text = metrics.encode(Snapshot {
-            running: 2,
-            slots_free: 6,
-            modules: vec![(&fib, "0123456789abcdef")],
-            connected: true,
+        metrics.read_gauges_from(|| {
+            Some(Readings {
+                running: 2,
+                slots_free: 6,
+                modules: vec![("fib".into(), "0123456789abcdef".into())],
+                connected: true,
+            })
         });
+        let text = metrics.encode();
+        assert_eq!(metrics.encode(), text, "a scrape changes nothing");
         for line in [
             r#"wasmrpc_requests_total{module="fib",outcome="ok"} 1"#,
             r#"wasmrpc_requests_total{module="fib",outcome="timeout"} 1"#,

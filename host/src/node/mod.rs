@@ -223,34 +223,42 @@ impl Node {
             requests_exchange: topology.exchange().to_owned(),
             stopping: CancellationToken::new(),
         });
+        let shared = Arc::new(Shared {
+            identity: Identity {
+                id,
+                host: gethostname::gethostname().to_string_lossy().into_owned(),
+                concurrency: config.concurrency,
+                instances,
+                prefetch: config.prefetch,
+                delivery_limit: config.delivery_limit,
+                topology,
+            },
+            requests,
+            modules: Modules {
+                registry,
+                loader,
+                deploys,
+            },
+            shown: Shown {
+                stats,
+                metrics,
+                subscribed: Mutex::default(),
+                broker_error: Mutex::default(),
+            },
+        });
+        let state = tokio::sync::watch::Sender::new(State::Connecting);
+        // Weak: the metrics belong to the node, and must not keep it alive.
+        let (weak, seen) = (Arc::downgrade(&shared), state.subscribe());
+        shared
+            .shown
+            .metrics
+            .read_gauges_from(move || Some(probe::readings(&*weak.upgrade()?, &seen)));
         Ok(Node {
-            shared: Arc::new(Shared {
-                identity: Identity {
-                    id,
-                    host: gethostname::gethostname().to_string_lossy().into_owned(),
-                    concurrency: config.concurrency,
-                    instances,
-                    prefetch: config.prefetch,
-                    delivery_limit: config.delivery_limit,
-                    topology,
-                },
-                requests,
-                modules: Modules {
-                    registry,
-                    loader,
-                    deploys,
-                },
-                shown: Shown {
-                    stats,
-                    metrics,
-                    subscribed: Mutex::default(),
-                    broker_error: Mutex::default(),
-                },
-            }),
+            shared,
             brokers: config.brokers,
             updates,
             following,
-            state: tokio::sync::watch::Sender::new(State::Connecting),
+            state,
             _watcher: watcher,
         })
     }

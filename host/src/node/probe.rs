@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use super::shared::{Shared, State};
-use crate::metrics::Snapshot;
+use crate::metrics::Readings;
 
 /// A view of a running node; clone-cheap.
 #[derive(Clone)]
@@ -52,16 +52,22 @@ impl Probe {
 
     /// The metrics, in the OpenMetrics text format.
     pub fn metrics(&self) -> String {
-        let modules = self.shared.modules.registry.all();
-        let connected = matches!(*self.state.borrow(), State::Serving { .. });
-        self.shared.shown.metrics.encode(Snapshot {
-            running: *self.shared.shown.stats.running().borrow(),
-            slots_free: self.shared.requests.admission.slots_free(),
-            modules: modules
-                .iter()
-                .map(|module| (&module.name, module.version.as_str()))
-                .collect(),
-            connected,
-        })
+        self.shared.shown.metrics.encode()
+    }
+}
+
+/// What the metrics' gauges read at a scrape.
+pub(super) fn readings(shared: &Shared, state: &tokio::sync::watch::Receiver<State>) -> Readings {
+    Readings {
+        running: *shared.shown.stats.running().borrow(),
+        slots_free: shared.requests.admission.slots_free(),
+        modules: shared
+            .modules
+            .registry
+            .all()
+            .iter()
+            .map(|module| (module.name.to_string(), module.version.clone()))
+            .collect(),
+        connected: matches!(*state.borrow(), State::Serving { .. }),
     }
 }
