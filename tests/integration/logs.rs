@@ -127,4 +127,14 @@ async fn json_fields_have_one_type_each() {
     }
     // The load of fib, the directory's, the node ready, the failed call.
     assert!(seen >= 4, "{lines:#?}");
+    // A failure names its request itself: the request's span is at debug,
+    // and a node logging at info has none.
+    let failed: Value = serde_json::from_str(lines.last().unwrap()).unwrap();
+    assert_eq!(failed["message"], "failed", "{failed}");
+    assert_eq!(failed["module"], "fib", "{failed}");
+    assert!(is_hex(&failed["version"], 16), "{failed}");
+    assert!(
+        !failed["correlation_id"].as_str().unwrap_or_default().is_empty(),
+        "{failed}"
+    );
 }

@@ -53,6 +53,8 @@ pub fn properties(
 /// What a node needs to know of a delivery, read from it once on arrival.
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) struct Request {
+    /// The module it names (not checked: a caller may send anything).
+    pub routing_key: ShortString,
     /// Where to answer; `None`: nobody to answer.
     pub reply_to: Option<ShortString>,
     pub correlation_id: Option<ShortString>,
@@ -72,6 +74,13 @@ pub(crate) struct Request {
     pub forwards: u64,
 }
 
+impl Request {
+    /// Its correlation id, empty if it has none.
+    pub(crate) fn correlation_id_str(&self) -> &str {
+        self.correlation_id.as_ref().map_or("", ShortString::as_str)
+    }
+}
+
 /// The trace context a reply carries.
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) struct Trace {
@@ -83,6 +92,7 @@ impl Request {
     /// Reads a delivery's properties, as it arrived at `received`, which was
     /// `now` in Unix time.
     pub(crate) fn decode(
+        routing_key: &ShortString,
         properties: &BasicProperties,
         redelivered: bool,
         received: Instant,
@@ -105,6 +115,7 @@ impl Request {
             None => (None, trace_ignored),
         };
         Request {
+            routing_key: routing_key.clone(),
             reply_to: properties.reply_to().clone(),
             correlation_id: properties.correlation_id().clone(),
             deadline: deadline(headers, received, now),
@@ -257,7 +268,13 @@ mod tests {
         let now = unix_time();
         let sent = properties("c-1", Duration::from_millis(1500), Some(&parent), now);
         let received = Instant::now();
-        let request = Request::decode(&sent, false, received, now + Duration::from_secs(2));
+        let request = Request::decode(
+            &"fib".into(),
+            &sent,
+            false,
+            received,
+            now + Duration::from_secs(2),
+        );
         assert_eq!(request.reply_to.as_ref().unwrap().as_str(), DIRECT_REPLY_TO);
         assert_eq!(request.correlation_id.as_ref().unwrap().as_str(), "c-1");
         assert_eq!(
@@ -278,7 +295,7 @@ mod tests {
         let tutorial = BasicProperties::default()
             .with_reply_to("amq.gen-abc".into())
             .with_correlation_id("1".into());
-        let request = Request::decode(&tutorial, false, Instant::now(), unix_time());
+        let request = Request::decode(&"fib".into(), &tutorial, false, Instant::now(), unix_time());
         assert_eq!(request.deadline, Ok(None));
         assert_eq!((request.trace, request.trace_ignored), (None, None));
         assert_eq!((request.queued, request.forwards), (None, 0));
@@ -290,7 +307,7 @@ mod tests {
             TRACEPARENT_HEADER,
             AMQPValue::LongString("00-zz".into()),
         )]));
-        let request = Request::decode(&bad, false, Instant::now(), unix_time());
+        let request = Request::decode(&"fib".into(), &bad, false, Instant::now(), unix_time());
         assert_eq!(request.trace, None);
         assert!(request.trace_ignored.is_some());
         // A good parent with a bad state keeps the parent.
@@ -306,7 +323,13 @@ mod tests {
                 AMQPValue::LongString("a".repeat(130_850).into()),
             ),
         ]));
-        let request = Request::decode(&long_state, false, Instant::now(), unix_time());
+        let request = Request::decode(
+            &"fib".into(),
+            &long_state,
+            false,
+            Instant::now(),
+            unix_time(),
+        );
         assert_eq!(request.trace.unwrap().state, None);
         assert_eq!(
             request.trace_ignored.as_deref(),
@@ -376,7 +399,8 @@ mod tests {
             let now = *rng
                 .choice(&[Duration::ZERO, unix_time(), Duration::MAX])
                 .unwrap();
-            let request = Request::decode(&properties, rng.bool(), Instant::now(), now);
+            let request =
+                Request::decode(&"fib".into(), &properties, rng.bool(), Instant::now(), now);
             assert!(has_deadline || request.deadline == Ok(None));
             if let Some(trace) = &request.trace {
                 assert!(
