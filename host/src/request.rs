@@ -121,14 +121,8 @@ impl Admission {
     /// first, so that a module at its share holds no instance another
     /// module could use.
     async fn admit(&self, module: &ModuleName) -> Admitted<'_> {
-        let share = {
-            let mut shares = self.shares.lock().expect("shares lock");
-            shares
-                .entry(module.clone())
-                .or_insert_with(|| Arc::new(Semaphore::new(self.per_module)))
-                .clone()
-        };
-        let share = share
+        let share = self
+            .share(module)
             .acquire_owned()
             .await
             .expect("shares are never closed");
@@ -137,6 +131,25 @@ impl Admission {
             _share: share,
             _slot: slot,
         }
+    }
+
+    /// A place for a request for `module` if one is free now: the common
+    /// case, which needs no wait to be set up and torn down.
+    fn try_admit(&self, module: &ModuleName) -> Option<Admitted<'_>> {
+        let share = self.share(module).try_acquire_owned().ok()?;
+        let slot = self.slots.try_acquire().ok()?;
+        Some(Admitted {
+            _share: share,
+            _slot: slot,
+        })
+    }
+
+    fn share(&self, module: &ModuleName) -> Arc<Semaphore> {
+        let mut shares = self.shares.lock().expect("shares lock");
+        shares
+            .entry(module.clone())
+            .or_insert_with(|| Arc::new(Semaphore::new(self.per_module)))
+            .clone()
     }
 }
 
@@ -355,16 +368,24 @@ async fn run_module(
             ran: Some(module.name.clone()),
         });
     }
-    let permit = tokio::select! {
-        permit = context.node.admission.admit(&module.name) => permit,
-        () = context.node.stopping.cancelled() => {
-            tracing::debug!("node stopping: returning request to its queue");
-            return Handled::GiveBack;
-        }
-        () = context.lost.cancelled() => {
-            tracing::debug!("session lost before the request ran: the broker hands it out again");
-            return Handled::Lost;
-        }
+    let admission = &context.node.admission;
+    let free = match context.node.stopping.is_cancelled() {
+        false => admission.try_admit(&module.name),
+        true => None,
+    };
+    let permit = match free {
+        Some(permit) => permit,
+        None => tokio::select! {
+            permit = admission.admit(&module.name) => permit,
+            () = context.node.stopping.cancelled() => {
+                tracing::debug!("node stopping: returning request to its queue");
+                return Handled::GiveBack;
+            }
+            () = context.lost.cancelled() => {
+                tracing::debug!("session lost before the request ran: the broker hands it out again");
+                return Handled::Lost;
+            }
+        },
     };
     tracing::debug!(redelivered = delivery.redelivered, "running");
     let running = context.node.stats.run();

@@ -134,7 +134,10 @@ async fn json_fields_have_one_type_each() {
     assert_eq!(failed["module"], "fib", "{failed}");
     assert!(is_hex(&failed["version"], 16), "{failed}");
     assert!(
-        !failed["correlation_id"].as_str().unwrap_or_default().is_empty(),
+        !failed["correlation_id"]
+            .as_str()
+            .unwrap_or_default()
+            .is_empty(),
         "{failed}"
     );
 }
