@@ -306,8 +306,9 @@ mod tests {
             .expect("the test broker");
         let channel = connection.create_channel().await.unwrap();
         let queue = format!("wasmrpc-test-settler-{}", uuid::Uuid::new_v4().simple());
+        // Exclusive: the queue is this connection's alone, and goes with it.
         let options = QueueDeclareOptions {
-            auto_delete: false,
+            exclusive: true,
             ..QueueDeclareOptions::default()
         };
         channel

@@ -341,7 +341,7 @@ pub(super) async fn retire(
     };
     let result: anyhow::Result<()> = async {
         let channel = connection.create_channel().await?;
-        let served_elsewhere = || async {
+        let served_now = || async {
             let passive = QueueDeclareOptions {
                 passive: true,
                 ..QueueDeclareOptions::default()
@@ -351,21 +351,27 @@ pub(super) async fn retire(
             let again = wanted.lock().expect("subscriptions lock").contains(&name);
             anyhow::Ok(declared.consumer_count() > 0 || again)
         };
-        // The broker may count our cancelled consumer for a moment yet: only
-        // a count that stays up means another node.
-        let mut patience = 10;
-        while served_elsewhere().await? {
-            patience -= 1;
-            if patience == 0 {
-                tracing::debug!(module = %name, "other nodes still serve the module");
-                return Ok(());
+        // The broker may count a consumer of ours for a moment yet (our
+        // cancelled subscription; our `basic.get`s, until a quorum queue has
+        // applied their acks): only a count that stays up means another node.
+        let served_elsewhere = || async {
+            for _ in 0..10 {
+                if !served_now().await? {
+                    return anyhow::Ok(false);
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            tracing::debug!(module = %name, "other nodes still serve the module");
+            Ok(true)
+        };
+        if served_elsewhere().await? {
+            return Ok(());
         }
         channel
             .queue_unbind(queue.as_str().into(), topology.exchange().into(), name.as_str().into(), FieldTable::default())
             .await?;
-        if served_elsewhere().await? {
+        // A node that subscribed meanwhile keeps it.
+        if served_now().await? {
             binding(channel).await;
             return Ok(());
         }
