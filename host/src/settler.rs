@@ -295,6 +295,22 @@ mod tests {
 
     const ACK: Settlement = Settlement::Ack;
 
+    /// An ack of `tag` alone.
+    fn one(tag: u64) -> Frame {
+        Frame::Ack {
+            tag,
+            multiple: false,
+        }
+    }
+
+    /// An ack of every tag up to `tag`.
+    fn upto(tag: u64) -> Frame {
+        Frame::Ack {
+            tag,
+            multiple: true,
+        }
+    }
+
     /// A queue of its own on the test broker, holding `bodies`, and a
     /// channel consuming it with acks.
     async fn consuming(bodies: &[&str]) -> (lapin::Connection, Channel, String, lapin::Consumer) {
@@ -422,13 +438,7 @@ mod tests {
             &mut ledger,
             &[(3, ACK), (1, ACK), (2, ACK), (5, ACK), (4, ACK)],
         );
-        assert_eq!(
-            frames,
-            [Frame::Ack {
-                tag: 5,
-                multiple: true
-            }]
-        );
+        assert_eq!(frames, [upto(5)]);
         assert!(ledger.open.is_empty());
         assert_eq!(ledger.floor, 5);
     }
@@ -436,44 +446,16 @@ mod tests {
     #[test]
     fn a_lone_ack_is_not_multiple() {
         let mut ledger = ledger([1]);
-        assert_eq!(
-            wake(&mut ledger, &[(1, ACK)]),
-            [Frame::Ack {
-                tag: 1,
-                multiple: false
-            }]
-        );
+        assert_eq!(wake(&mut ledger, &[(1, ACK)]), [one(1)]);
     }
 
     #[test]
     fn acks_above_a_running_delivery_go_alone_and_are_not_said_again() {
         let mut ledger = ledger(1..=4);
         let frames = wake(&mut ledger, &[(1, ACK), (3, ACK), (4, ACK)]);
-        assert_eq!(
-            frames,
-            [
-                Frame::Ack {
-                    tag: 1,
-                    multiple: false
-                },
-                Frame::Ack {
-                    tag: 3,
-                    multiple: false
-                },
-                Frame::Ack {
-                    tag: 4,
-                    multiple: false
-                },
-            ]
-        );
+        assert_eq!(frames, [one(1), one(3), one(4)]);
         // 2 ends: nothing above it is said twice.
-        assert_eq!(
-            wake(&mut ledger, &[(2, ACK)]),
-            [Frame::Ack {
-                tag: 2,
-                multiple: false
-            }]
-        );
+        assert_eq!(wake(&mut ledger, &[(2, ACK)]), [one(2)]);
         assert!(ledger.open.is_empty());
         assert_eq!(ledger.floor, 4);
     }
@@ -491,17 +473,7 @@ mod tests {
                 (5, ACK),
             ],
         );
-        assert_eq!(
-            frames,
-            [
-                Frame::Reject(2),
-                Frame::Requeue(4),
-                Frame::Ack {
-                    tag: 5,
-                    multiple: true
-                },
-            ]
-        );
+        assert_eq!(frames, [Frame::Reject(2), Frame::Requeue(4), upto(5),]);
     }
 
     #[test]
@@ -510,30 +482,12 @@ mod tests {
         // order: 2 has not arrived here, so an ack of 3 must not cover it.
         let mut ledger = ledger([1, 3]);
         let frames = wake(&mut ledger, &[(1, ACK), (3, ACK)]);
-        assert_eq!(
-            frames,
-            [
-                Frame::Ack {
-                    tag: 1,
-                    multiple: false
-                },
-                Frame::Ack {
-                    tag: 3,
-                    multiple: false
-                },
-            ]
-        );
+        assert_eq!(frames, [one(1), one(3),]);
         ledger.arrived(2);
         ledger.arrived(4);
         ledger.arrived(5);
         let frames = wake(&mut ledger, &[(4, ACK), (2, ACK), (5, ACK)]);
-        assert_eq!(
-            frames,
-            [Frame::Ack {
-                tag: 5,
-                multiple: true
-            }]
-        );
+        assert_eq!(frames, [upto(5)]);
     }
 
     #[test]
@@ -543,13 +497,7 @@ mod tests {
             wake(&mut ledger, &[(1, Settlement::Requeue), (1, ACK)]),
             [Frame::Requeue(1)]
         );
-        assert_eq!(
-            wake(&mut ledger, &[(2, ACK), (2, ACK)]),
-            [Frame::Ack {
-                tag: 2,
-                multiple: false
-            }]
-        );
+        assert_eq!(wake(&mut ledger, &[(2, ACK), (2, ACK)]), [one(2)]);
         assert!(wake(&mut ledger, &[(2, ACK), (7, ACK)]).is_empty());
     }
 
