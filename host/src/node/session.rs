@@ -10,7 +10,6 @@
 //! declares everything again. Requests still running for a lost session are
 //! dropped: they can no longer be acked, and the broker hands them out again.
 
-use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -21,12 +20,11 @@ use lapin::message::Delivery;
 use lapin::options::BasicQosOptions;
 use lapin::{Channel, Connection};
 use tokio::sync::mpsc;
-use tokio_stream::{StreamExt as _, StreamMap};
 use tokio_util::task::TaskTracker;
 
 use super::control;
 use super::shared::Shared;
-use super::subscriptions::{self, Deliveries, Subscriptions};
+use super::subscriptions::{self, Source, Subscriptions};
 use crate::amqp::{self, Brokers, ControlLimit};
 use crate::names::ModuleName;
 use crate::registry::Update;
@@ -35,24 +33,6 @@ use crate::settler::{Settlement, Settler};
 
 /// How long declaring and subscribing may take once connected.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// Where a delivery came from.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub(super) enum Source {
-    Module(ModuleName),
-    Unrouted,
-    Control,
-}
-
-impl fmt::Display for Source {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Source::Module(name) => write!(f, "module {name}"),
-            Source::Unrouted => f.write_str("the unrouted queue"),
-            Source::Control => f.write_str("the control queue"),
-        }
-    }
-}
 
 /// Why a session could not open.
 #[derive(Debug)]
@@ -107,7 +87,6 @@ pub(super) struct Session {
     settler: Settler,
     /// Where the control channel's are.
     control_settler: Settler,
-    deliveries: StreamMap<Source, Deliveries>,
     subscriptions: Subscriptions,
     /// What this session's request tasks get.
     context: Arc<Context>,
@@ -190,19 +169,15 @@ impl Session {
         let topology = &shared.identity.topology;
         amqp::declare_topology(connection, topology).await?;
 
-        let mut deliveries = StreamMap::new();
         let mut subscriptions = Subscriptions::new(
             &shared.identity.id,
             topology.clone(),
             shared.identity.delivery_limit,
         );
         let unrouted = topology.unrouted_queue();
-        deliveries.insert(
-            Source::Unrouted,
-            subscriptions
-                .consume(&consume, &unrouted, "unrouted", false)
-                .await?,
-        );
+        subscriptions
+            .consume(&consume, &unrouted, Source::Unrouted, false)
+            .await?;
         // Its own channel: the control queue's prefetch is small (a deploy
         // order may be tens of MiB), the modules' is not.
         let control = connection
@@ -220,15 +195,11 @@ impl Session {
             None => ControlLimit::QuestionsOnly,
         };
         let control_queue = amqp::declare_control_queue(&control, topology, limit).await?;
-        deliveries.insert(
-            Source::Control,
-            subscriptions
-                .consume(&control, &control_queue, "control", false)
-                .await?,
-        );
+        subscriptions
+            .consume(&control, &control_queue, Source::Control, false)
+            .await?;
         for name in shared.modules.registry.names() {
-            let stream = subscriptions.subscribe(connection, &consume, &name).await?;
-            deliveries.insert(Source::Module(name), stream);
+            subscriptions.subscribe(connection, &consume, &name).await?;
         }
         // Modules still compiling: their requests wait in their queues.
         for name in shared.modules.loader.loading() {
@@ -247,7 +218,6 @@ impl Session {
             control_settler: Settler::start(control.clone(), lost),
             consume,
             control,
-            deliveries,
             subscriptions,
             context,
         };
@@ -282,7 +252,7 @@ impl Session {
                     self.follow(update, tasks).await;
                     self.publish_subscribed();
                 }
-                next = self.deliveries.next() => match next {
+                next = self.subscriptions.next() => match next {
                     Some((source, Some(Ok(delivery)))) => self.dispatch(source, delivery, tasks).await,
                     Some((source, Some(Err(error)))) => {
                         // lapin's error already names its cause: don't chain it.
@@ -427,25 +397,19 @@ impl Session {
                 self.retire(name, declared, Some(why), tasks);
             }
             Update::Added(name) => {
-                match self
+                if let Err(error) = self
                     .subscriptions
                     .added(&self.connection, &self.consume, &name)
                     .await
                 {
-                    Ok(Some(stream)) => {
-                        self.deliveries.insert(Source::Module(name), stream);
-                    }
-                    Ok(None) => {}
-                    Err(error) => {
-                        tracing::error!(module = %name, "cannot serve the module: {error:#}")
-                    }
+                    tracing::error!(module = %name, "cannot serve the module: {error:#}");
                 }
             }
             Update::Replaced(_) => {}
             Update::Removed(name) => {
                 self.subscriptions.removed(&self.consume, &name).await;
                 // If the subscription is already gone (it never started), retire now.
-                if !self.deliveries.contains_key(&Source::Module(name.clone())) {
+                if !self.subscriptions.consuming(&name) {
                     self.ended(name, tasks).await;
                 }
             }
@@ -455,7 +419,6 @@ impl Session {
     /// A module's subscription has ended: subscribe again if the module came
     /// back meanwhile, else let its queue go if no node serves it any more.
     async fn ended(&mut self, name: ModuleName, tasks: &TaskTracker) {
-        self.deliveries.remove(&Source::Module(name.clone()));
         // What the subscription left is back in the queue before the last
         // node out answers what the queue holds.
         self.settler.flushed().await;
@@ -464,9 +427,7 @@ impl Session {
             .ended(&self.connection, &self.consume, &name)
             .await
         {
-            Ok(subscriptions::AfterEnd::Resubscribed(stream)) => {
-                self.deliveries.insert(Source::Module(name), stream);
-            }
+            Ok(subscriptions::AfterEnd::Resubscribed) => {}
             Ok(subscriptions::AfterEnd::Retire(declared)) => {
                 self.retire(name, declared, None, tasks)
             }

@@ -1,6 +1,8 @@
 //! One subscription per served module, following the registry as modules
 //! come and go, and the retirement of a module's queue when the last node
-//! stops serving it.
+//! stops serving it. `Subscriptions` owns every subscription's state and its
+//! stream of deliveries (the unrouted and control queues' too): the session
+//! asks it for the next delivery.
 //!
 //! A module's subscription is `Active`, then `Cancelling` once its file is
 //! gone: the broker stops sending, the deliveries already here are handled,
@@ -8,6 +10,7 @@
 //! again; if not, and no other node consumes the queue, the queue goes.
 
 use std::collections::HashMap;
+use std::fmt;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,7 +23,7 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
-use tokio_stream::{Stream, StreamExt as _};
+use tokio_stream::{Stream, StreamExt as _, StreamMap};
 
 use crate::amqp;
 use crate::names::ModuleName;
@@ -45,7 +48,8 @@ pub(super) type Wanted = Arc<std::sync::Mutex<std::collections::BTreeSet<ModuleN
 
 /// What to do once a module's subscription has ended.
 pub(super) enum AfterEnd {
-    Resubscribed(Deliveries),
+    /// Subscribed again: the module came back, or the broker ended it.
+    Resubscribed,
     /// Nobody here serves it any more: see [`retire`]. When this node last
     /// declared its queue, if it did.
     Retire(Option<Instant>),
@@ -60,6 +64,24 @@ pub(super) enum AfterEnd {
 /// broker confirmed our cancel, or cancelled it itself), so the node learns
 /// of the end; a `StreamMap` would drop the stream silently.
 pub(super) type Deliveries = Pin<Box<dyn Stream<Item = Option<lapin::Result<Delivery>>> + Send>>;
+
+/// Where a delivery came from.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub(super) enum Source {
+    Module(ModuleName),
+    Unrouted,
+    Control,
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Source::Module(name) => write!(f, "module {name}"),
+            Source::Unrouted => f.write_str("the unrouted queue"),
+            Source::Control => f.write_str("the control queue"),
+        }
+    }
+}
 
 pub(super) const QUEUE_SETTLE: Duration = Duration::from_secs(1);
 
@@ -77,6 +99,8 @@ pub(super) struct Subscriptions {
     wanted: Wanted,
     /// The unrouted and control subscriptions, with their channels.
     others: Vec<(Channel, String)>,
+    /// Every subscription's deliveries, by where they come from.
+    streams: StreamMap<Source, Deliveries>,
 }
 
 impl Subscriptions {
@@ -90,7 +114,21 @@ impl Subscriptions {
             declared: HashMap::new(),
             wanted: Wanted::default(),
             others: Vec::new(),
+            streams: StreamMap::new(),
         }
+    }
+
+    /// The next delivery of any subscription, or `None` once for a
+    /// subscription that has ended (see [`Deliveries`]); `None` for all
+    /// when there are none.
+    pub async fn next(&mut self) -> Option<(Source, Option<lapin::Result<Delivery>>)> {
+        self.streams.next().await
+    }
+
+    /// Whether the module's subscription still delivers (it may be
+    /// cancelling).
+    pub fn consuming(&self, name: &ModuleName) -> bool {
+        self.streams.contains_key(&Source::Module(name.clone()))
     }
 
     /// Consumes a queue that is not a module's (unrouted, control).
@@ -98,13 +136,19 @@ impl Subscriptions {
         &mut self,
         channel: &Channel,
         queue: &str,
-        label: &str,
+        source: Source,
         no_ack: bool,
-    ) -> anyhow::Result<Deliveries> {
+    ) -> anyhow::Result<()> {
+        let label = match &source {
+            Source::Module(name) => name.as_str(),
+            Source::Unrouted => "unrouted",
+            Source::Control => "control",
+        };
         let tag = self.tag(label);
         let deliveries = start_consuming(channel, queue, &tag, no_ack).await?;
         self.others.push((channel.clone(), tag));
-        Ok(deliveries)
+        self.streams.insert(source, deliveries);
+        Ok(())
     }
 
     /// Declares the module's queue and consumes it.
@@ -113,7 +157,7 @@ impl Subscriptions {
         connection: &Connection,
         consume: &Channel,
         name: &ModuleName,
-    ) -> anyhow::Result<Deliveries> {
+    ) -> anyhow::Result<()> {
         // Declared on a channel of its own: the broker closes the channel of a
         // declaration it refuses, and that must not be the consuming one.
         let declare = connection
@@ -128,7 +172,9 @@ impl Subscriptions {
         let deliveries = start_consuming(consume, &queue?, &tag, false).await?;
         self.modules.insert(name.clone(), Phase::Active { tag });
         self.want(name, true);
-        Ok(deliveries)
+        self.streams
+            .insert(Source::Module(name.clone()), deliveries);
+        Ok(())
     }
 
     /// The module is being loaded: declares and binds its queue, so that its
@@ -191,22 +237,20 @@ impl Subscriptions {
         )
     }
 
-    /// The module is (again) in the registry. Returns a new subscription, or
-    /// `None` if it has one or will get one when its cancelled one ends.
+    /// The module is (again) in the registry: subscribes to it, unless it
+    /// has a subscription or gets one when its cancelled one ends.
     pub async fn added(
         &mut self,
         connection: &Connection,
         consume: &Channel,
         name: &ModuleName,
-    ) -> anyhow::Result<Option<Deliveries>> {
+    ) -> anyhow::Result<()> {
         match self.modules.get_mut(name) {
-            None | Some(Phase::Prepared) => {
-                self.subscribe(connection, consume, name).await.map(Some)
-            }
-            Some(Phase::Active { .. }) => Ok(None),
+            None | Some(Phase::Prepared) => self.subscribe(connection, consume, name).await,
+            Some(Phase::Active { .. }) => Ok(()),
             Some(Phase::Cancelling { come_back }) => {
                 *come_back = true;
-                Ok(None)
+                Ok(())
             }
         }
     }
@@ -232,21 +276,22 @@ impl Subscriptions {
         consume: &Channel,
         name: &ModuleName,
     ) -> anyhow::Result<AfterEnd> {
+        self.streams.remove(&Source::Module(name.clone()));
         match self.modules.remove(name) {
             Some(Phase::Cancelling { come_back: false } | Phase::Prepared) | None => {
                 self.want(name, false);
                 Ok(AfterEnd::Retire(self.declared.remove(name)))
             }
-            Some(Phase::Cancelling { come_back: true }) => Ok(AfterEnd::Resubscribed(
-                self.subscribe(connection, consume, name).await?,
-            )),
+            Some(Phase::Cancelling { come_back: true }) => {
+                self.subscribe(connection, consume, name).await?;
+                Ok(AfterEnd::Resubscribed)
+            }
             Some(Phase::Active { .. }) => {
                 // Not ours: the broker cancelled it, as it does when the queue
                 // is deleted. The module is still served here: declare it again.
                 tracing::warn!(module = %name, "the broker cancelled the module's subscription; subscribing again");
-                Ok(AfterEnd::Resubscribed(
-                    self.subscribe(connection, consume, name).await?,
-                ))
+                self.subscribe(connection, consume, name).await?;
+                Ok(AfterEnd::Resubscribed)
             }
         }
     }
