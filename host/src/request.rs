@@ -6,11 +6,12 @@
 //! confirmed the reply, the request goes back to its queue. A delivery
 //! without `reply_to` has nobody to answer; it is logged and acked.
 //!
-//! A delivery comes with its [`Ticket`], which the task settles once its
-//! reply is confirmed (or leaves unsettled if the session is lost); the
-//! [`crate::settler`] says it to the broker. A request task sees the node only through its [`Context`]: the reply
-//! path, the slots, the stats and the two signals that end its interest
-//! (the node stopping, its session lost).
+//! A delivery is decoded once into a [`Request`] and comes with its
+//! [`Ticket`], which the task settles once its reply is confirmed (or leaves
+//! unsettled if the session is lost); the [`crate::settler`] says it to the
+//! broker. A request task sees the node only through its [`Context`]: what
+//! every request of the node uses ([`Requests`]: the reply path, admission,
+//! the counts, the node stopping) and its session's `lost` signal.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -28,10 +29,10 @@ use crate::names::ModuleName;
 use crate::registry::LoadedModule;
 use crate::replies::{Replies, ReplyError};
 use crate::runtime::CallError;
-pub(crate) use crate::settler::Settlement;
+use crate::settler::Settlement;
 use crate::settler::Ticket;
 use crate::stats::Stats;
-pub(crate) use crate::wire::reply::Response;
+use crate::wire::reply::Response;
 use crate::wire::request::Request;
 use crate::wire::{ErrorKind, FORWARDS_HEADER, unix_time};
 

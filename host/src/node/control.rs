@@ -15,8 +15,9 @@ use lapin::message::Delivery;
 use super::shared::Shared;
 use crate::deploy::{self, Ack, Action};
 use crate::logging::Escaped;
-use crate::request::{self, Context, Response};
+use crate::request::{self, Context};
 use crate::settler::Ticket;
+use crate::wire::reply::Response;
 use crate::wire::{ModuleStatus, NodeStatus};
 
 /// Control messages a node holds unacked at once: fleet questions are
