@@ -181,20 +181,19 @@ async fn a_broken_replacement_is_refused_and_the_last_good_version_serves_on() {
     let good = version_of(&std::fs::read(guests::wasm("fib")).unwrap());
     let wrong_world = wat::parse_str("(component)").unwrap();
     let mut refused = node.stats.refused();
-    for (n, broken) in [
+    for broken in [
         &b"not wasm"[..],
         b"",
         b"\0asm\x0d\0\x01\0garbage",
         &wrong_world,
-    ]
-    .into_iter()
-    .enumerate()
-    {
+    ] {
+        // (The watcher may show one file twice: it is refused each time.)
+        let before = *refused.borrow_and_update();
         install(node.modules_path(), "fib", broken);
         // Once the loader has refused it, the good one answers.
         tokio::time::timeout(
             Duration::from_secs(10),
-            refused.wait_for(|&count| count == n as u64 + 1),
+            refused.wait_for(|&count| count > before),
         )
         .await
         .expect("the broken file was not refused")
