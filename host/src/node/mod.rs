@@ -350,14 +350,18 @@ impl Node {
                     break Ok(());
                 }
                 SessionEnd::Lost(error) => {
+                    // In this order, so that readiness never sees a node
+                    // serving nothing: why it is not connected, then that
+                    // it is not, then that it consumes nothing.
+                    *self.shared.shown.broker_error.lock().expect("node lock") =
+                        Some(format!("{error:#}"));
+                    self.state.send_replace(State::Connecting);
                     self.shared
                         .shown
                         .subscribed
                         .lock()
                         .expect("node lock")
                         .clear();
-                    *self.shared.shown.broker_error.lock().expect("node lock") =
-                        Some(format!("{error:#}"));
                     tracing::warn!(
                         node = %self.shared.identity.id,
                         session = sessions,
