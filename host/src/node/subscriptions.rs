@@ -158,8 +158,24 @@ impl Subscriptions {
         consume: &Channel,
         name: &ModuleName,
     ) -> anyhow::Result<()> {
-        // Declared on a channel of its own: the broker closes the channel of a
-        // declaration it refuses, and that must not be the consuming one.
+        let queue = self.declare(connection, name).await?;
+        let tag = self.tag(name.as_str());
+        let deliveries = start_consuming(consume, &queue, &tag, false).await?;
+        self.modules.insert(name.clone(), Phase::Active { tag });
+        self.want(name, true);
+        self.streams
+            .insert(Source::Module(name.clone()), deliveries);
+        Ok(())
+    }
+
+    /// Declares and binds the module's queue, and notes when, for [`retire`].
+    /// On a channel of its own: the broker closes the channel of a
+    /// declaration it refuses, and that must not be the consuming one.
+    async fn declare(
+        &mut self,
+        connection: &Connection,
+        name: &ModuleName,
+    ) -> anyhow::Result<String> {
         let declare = connection
             .create_channel()
             .await
@@ -167,14 +183,9 @@ impl Subscriptions {
         let queue =
             amqp::declare_module_queue(&declare, &self.topology, name, self.delivery_limit).await;
         let _ = declare.close(200, "declared".into()).await;
+        let queue = queue?;
         self.declared.insert(name.clone(), Instant::now());
-        let tag = self.tag(name.as_str());
-        let deliveries = start_consuming(consume, &queue?, &tag, false).await?;
-        self.modules.insert(name.clone(), Phase::Active { tag });
-        self.want(name, true);
-        self.streams
-            .insert(Source::Module(name.clone()), deliveries);
-        Ok(())
+        Ok(queue)
     }
 
     /// The module is being loaded: declares and binds its queue, so that its
@@ -187,15 +198,7 @@ impl Subscriptions {
         if self.modules.contains_key(name) {
             return Ok(());
         }
-        let declare = connection
-            .create_channel()
-            .await
-            .context("failed to open a channel")?;
-        let queue =
-            amqp::declare_module_queue(&declare, &self.topology, name, self.delivery_limit).await;
-        let _ = declare.close(200, "declared".into()).await;
-        queue?;
-        self.declared.insert(name.clone(), Instant::now());
+        self.declare(connection, name).await?;
         self.modules.insert(name.clone(), Phase::Prepared);
         self.want(name, true);
         Ok(())
