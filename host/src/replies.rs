@@ -13,8 +13,15 @@
 //! closing the channel. The path knows that size (configured, or learned
 //! from the first refusal) and answers [`ReplyError::TooLarge`] before
 //! sending anything larger.
+//!
+//! A broker may also stop confirming without closing anything (a node
+//! shutting down, a partition). No reply arms a timer of its own for that:
+//! one watchdog per channel sees when replies have been waiting and none
+//! was confirmed for [`CONFIRM_TIMEOUT`], fails them all and drops the
+//! channel, so the next reply opens another.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder as _, ExponentialBuilder};
@@ -46,9 +53,13 @@ pub enum ReplyError {
     Abandoned,
 }
 
-/// How long a reply may wait for the broker's confirm, or the reply path
-/// for the broker to open it.
+/// How long replies may wait with none of them confirmed, or the reply
+/// path for the broker to open it.
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How often a channel's watchdog looks at its confirms: a stalled channel
+/// is given up between [`CONFIRM_TIMEOUT`] and that plus this.
+const WATCHDOG_TICK: Duration = Duration::from_secs(5);
 
 /// After the path fails to open, replies fail at once for this long rather
 /// than each trying every broker again.
@@ -58,6 +69,10 @@ const REOPEN_PAUSE: Duration = Duration::from_millis(500);
 pub struct Replies {
     brokers: Brokers,
     connection_name: String,
+    /// The channel replies go out on, when it is open: what every reply
+    /// reads, without waiting for `path`.
+    live: std::sync::RwLock<Option<Arc<Live>>>,
+    /// Opening and dropping the channel, one at a time.
     path: Mutex<Path>,
     /// Replies in flight hold it shared; a reply sent alone holds it exclusively.
     gate: RwLock<()>,
@@ -65,11 +80,48 @@ pub struct Replies {
     max_message: AtomicUsize,
 }
 
+/// An open reply channel.
+struct Live {
+    channel: Channel,
+    /// Counts the channels opened, so a failure only drops the one it saw.
+    generation: u64,
+    /// Which broker it is on.
+    broker: usize,
+    confirms: Arc<Confirms>,
+}
+
+/// What a channel's watchdog reads of the replies waiting on it.
+#[derive(Default)]
+struct Confirms {
+    /// Replies published and not yet confirmed (nor failed).
+    waiting: AtomicUsize,
+    /// Replies confirmed (or failed) so far.
+    settled: AtomicU64,
+    /// Cancelled when the channel stalls: every reply waiting fails.
+    stalled: CancellationToken,
+}
+
+/// A reply waiting for its confirm; counts as settled when dropped.
+struct Waiting<'a>(&'a Confirms);
+
+impl Confirms {
+    fn wait(&self) -> Waiting<'_> {
+        self.waiting.fetch_add(1, Ordering::Relaxed);
+        Waiting(self)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.settled.fetch_add(1, Ordering::Relaxed);
+        self.0.waiting.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 #[derive(Default)]
 struct Path {
     connection: Option<Connection>,
-    channel: Option<(Channel, u64)>,
-    /// Counts the channels opened, so a failure only closes the one it saw.
+    /// Counts the channels opened.
     generation: u64,
     /// Which broker to try first.
     broker: usize,
@@ -118,6 +170,7 @@ impl Replies {
         Replies {
             brokers,
             connection_name,
+            live: std::sync::RwLock::default(),
             path: Mutex::default(),
             gate: RwLock::new(()),
             max_message: AtomicUsize::new(max_message),
@@ -229,14 +282,12 @@ impl Replies {
         abandon: &CancellationToken,
         vouch: Vouch,
     ) -> Result<Result<(), ReplyError>, AttemptFailure> {
-        let first = {
-            let Some(_shared) = abandon.run_until_cancelled(self.gate.read()).await else {
-                return Ok(Err(ReplyError::Abandoned));
-            };
-            abandon
-                .run_until_cancelled(self.attempt(to, properties, body, vouch))
-                .await
-        };
+        let first = abandon
+            .run_until_cancelled(async {
+                let _shared = self.gate.read().await;
+                self.attempt(to, properties, body, vouch).await
+            })
+            .await;
         let generation = match first {
             None => return Ok(Err(ReplyError::Abandoned)),
             Some(Ok(())) => return Ok(Ok(())),
@@ -279,8 +330,9 @@ impl Replies {
     /// Closes the path, for shutdown.
     pub async fn close(&self) {
         let mut path = self.path.lock().await;
-        if let Some((channel, _)) = path.channel.take() {
-            let _ = channel.close(200, "node shutting down".into()).await;
+        if let Some(live) = self.take_live() {
+            live.confirms.stalled.cancel();
+            let _ = live.channel.close(200, "node shutting down".into()).await;
         }
         if let Some(connection) = path.connection.take() {
             let _ = connection.close(200, "node shutting down".into()).await;
@@ -294,14 +346,17 @@ impl Replies {
         body: &[u8],
         vouch: Vouch,
     ) -> Result<(), AttemptFailure> {
-        let (channel, generation, broker) = self.channel().await.map_err(AttemptFailure::Open)?;
+        let live = self.channel().await.map_err(AttemptFailure::Open)?;
+        let generation = live.generation;
         let mut properties = properties.clone();
         if vouch == Vouch::Yes
-            && let Some(user) = self.brokers.get(broker).user()
+            && let Some(user) = self.brokers.get(live.broker).user()
         {
             properties = properties.with_user_id(user.into());
         }
-        let confirm = channel
+        let _waiting = live.confirms.wait();
+        let confirm = live
+            .channel
             .basic_publish(
                 to.exchange.into(),
                 to.routing_key.into(),
@@ -311,32 +366,33 @@ impl Replies {
             )
             .await;
         let confirmation = match confirm {
-            Ok(confirm) => tokio::time::timeout(CONFIRM_TIMEOUT, confirm).await,
-            Err(error) => Ok(Err(error)),
+            Ok(confirm) => live.confirms.stalled.run_until_cancelled(confirm).await,
+            Err(error) => Some(Err(error)),
         };
         match confirmation {
-            Ok(Ok(confirmation)) if confirmation.is_ack() => Ok(()),
-            Ok(Ok(_)) => Err(AttemptFailure::Nacked),
-            Ok(Err(error)) => Err(AttemptFailure::Failed(error, generation)),
-            // A channel that confirms nothing is no use: open another.
-            Err(_) => {
-                self.forget(generation).await;
-                Err(AttemptFailure::Open(format!(
-                    "the broker did not confirm the reply within {} s",
-                    CONFIRM_TIMEOUT.as_secs()
-                )))
-            }
+            Some(Ok(confirmation)) if confirmation.is_ack() => Ok(()),
+            Some(Ok(_)) => Err(AttemptFailure::Nacked),
+            Some(Err(error)) => Err(AttemptFailure::Failed(error, generation)),
+            // The watchdog gave the channel up (and dropped it already).
+            None => Err(AttemptFailure::Open(format!(
+                "the broker confirmed no reply for {} s",
+                CONFIRM_TIMEOUT.as_secs()
+            ))),
         }
     }
 
     /// The open channel, opening one (and a connection, if need be) first.
-    async fn channel(&self) -> Result<(Channel, u64, usize), String> {
+    async fn channel(&self) -> Result<Arc<Live>, String> {
+        if let Some(live) = self.current() {
+            return Ok(live);
+        }
         let mut path = self.path.lock().await;
-        if let Some((channel, generation)) = &path.channel {
-            if channel.status().connected() {
-                return Ok((channel.clone(), *generation, path.broker));
-            }
-            path.channel = None;
+        // Another reply may have opened it while this one waited.
+        if let Some(live) = self.current() {
+            return Ok(live);
+        }
+        if let Some(live) = self.take_live() {
+            live.confirms.stalled.cancel();
         }
         if let Some((when, why)) = &path.failed
             && when.elapsed() < REOPEN_PAUSE
@@ -357,9 +413,19 @@ impl Replies {
             Ok(channel) => {
                 path.failed = None;
                 path.generation += 1;
-                let generation = path.generation;
-                path.channel = Some((channel.clone(), generation));
-                Ok((channel, generation, path.broker))
+                let live = Arc::new(Live {
+                    channel,
+                    generation: path.generation,
+                    broker: path.broker,
+                    confirms: Arc::default(),
+                });
+                *self.live.write().unwrap_or_else(PoisonError::into_inner) = Some(live.clone());
+                tokio::spawn(watchdog(
+                    live.confirms.clone(),
+                    CONFIRM_TIMEOUT,
+                    WATCHDOG_TICK,
+                ));
+                Ok(live)
             }
             Err(why) => {
                 path.failed = Some((Instant::now(), why.clone()));
@@ -400,16 +466,34 @@ impl Replies {
         Ok(channel)
     }
 
+    /// The open channel, if it is still connected and has not stalled.
+    fn current(&self) -> Option<Arc<Live>> {
+        let live = self.live.read().unwrap_or_else(PoisonError::into_inner);
+        live.as_ref()
+            .filter(|live| {
+                live.channel.status().connected() && !live.confirms.stalled.is_cancelled()
+            })
+            .cloned()
+    }
+
+    fn take_live(&self) -> Option<Arc<Live>> {
+        self.live
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+    }
+
     /// Drops the channel of `generation` if it is still the current one; the
     /// next reply opens another (and a connection, if this one is gone).
     async fn forget(&self, generation: u64) {
-        let mut path = self.path.lock().await;
-        if path
-            .channel
+        let _path = self.path.lock().await;
+        let mut live = self.live.write().unwrap_or_else(PoisonError::into_inner);
+        if live
             .as_ref()
-            .is_some_and(|(_, current)| *current == generation)
+            .is_some_and(|live| live.generation == generation)
+            && let Some(live) = live.take()
         {
-            path.channel = None;
+            live.confirms.stalled.cancel();
         }
     }
 
@@ -421,6 +505,38 @@ impl Replies {
                  {before} this node was told (--max-message-size): larger replies are \
                  answered too_large from now on"
             );
+        }
+    }
+}
+
+/// Watches one channel's confirms until it is dropped: when replies have
+/// been waiting for `timeout` and none was confirmed meanwhile, the channel
+/// has stalled, and every reply waiting on it fails.
+async fn watchdog(confirms: Arc<Confirms>, timeout: Duration, tick: Duration) {
+    let mut ticks = tokio::time::interval(tick);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Tokio's clock: the one the ticks keep.
+    let now = tokio::time::Instant::now;
+    let mut seen = (confirms.settled.load(Ordering::Relaxed), now());
+    loop {
+        if confirms
+            .stalled
+            .run_until_cancelled(ticks.tick())
+            .await
+            .is_none()
+        {
+            return;
+        }
+        let settled = confirms.settled.load(Ordering::Relaxed);
+        if settled != seen.0 || confirms.waiting.load(Ordering::Relaxed) == 0 {
+            seen = (settled, now());
+        } else if seen.1.elapsed() >= timeout {
+            tracing::warn!(
+                "the broker confirmed no reply for {} s: opening another reply channel",
+                timeout.as_secs()
+            );
+            confirms.stalled.cancel();
+            return;
         }
     }
 }
@@ -458,7 +574,45 @@ fn parse_size_limit(message: &str) -> Option<usize> {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_size_limit;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::{Confirms, parse_size_limit, watchdog};
+
+    const TIMEOUT: Duration = Duration::from_secs(30);
+    const TICK: Duration = Duration::from_secs(5);
+
+    #[tokio::test(start_paused = true)]
+    async fn the_watchdog_fails_replies_when_none_is_confirmed_in_time() {
+        let confirms = Arc::new(Confirms::default());
+        let watching = tokio::spawn(watchdog(confirms.clone(), TIMEOUT, TICK));
+        let _waiting = confirms.wait();
+        tokio::time::sleep(TIMEOUT - TICK).await;
+        assert!(!confirms.stalled.is_cancelled(), "gave up too soon");
+        tokio::time::sleep(TICK * 2).await;
+        assert!(confirms.stalled.is_cancelled(), "never gave up");
+        watching.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_watchdog_leaves_a_channel_that_confirms_or_has_nothing_waiting() {
+        let confirms = Arc::new(Confirms::default());
+        let watching = tokio::spawn(watchdog(confirms.clone(), TIMEOUT, TICK));
+        // Idle for long: nothing waits, so nothing is late.
+        tokio::time::sleep(TIMEOUT * 3).await;
+        // Always one reply waiting, but one is confirmed every 10 s.
+        let mut waiting = confirms.wait();
+        for _ in 0..10 {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            let next = confirms.wait();
+            drop(std::mem::replace(&mut waiting, next));
+        }
+        assert!(!confirms.stalled.is_cancelled());
+        // Then none for longer than the timeout.
+        tokio::time::sleep(TIMEOUT + TICK * 2).await;
+        assert!(confirms.stalled.is_cancelled());
+        watching.await.unwrap();
+    }
 
     #[test]
     fn the_broker_says_its_message_size_limit_when_it_refuses_a_message() {
