@@ -117,6 +117,7 @@ pub async fn run(
                     // part of what is measured.
                     let options = CallOptions {
                         traceparent: Some(TraceParent::new_trace()),
+                        ..CallOptions::default()
                     };
                     let reply = client
                         .call_with(&config.module, &config.input, config.timeout, &options)

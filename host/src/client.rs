@@ -51,6 +51,8 @@ pub struct FleetAnswers<T> {
 pub struct CallOptions {
     /// The trace the call belongs to: sent as the `traceparent` header.
     pub traceparent: Option<TraceParent>,
+    /// For a call a module makes: how deep in a chain of calls it is.
+    pub depth: u32,
 }
 
 /// Why a call got no reply.
@@ -98,7 +100,16 @@ impl Client {
     /// Connects to the first of `brokers` that answers and subscribes to
     /// direct replies.
     pub async fn connect(brokers: &Brokers, exchange: &str) -> anyhow::Result<Client> {
-        let (connection, _) = brokers.connect(0, "wasmrpc client").await?;
+        Client::connect_as(brokers, exchange, "wasmrpc client").await
+    }
+
+    /// [`Client::connect`], with the connection named `name` on the broker.
+    pub async fn connect_as(
+        brokers: &Brokers,
+        exchange: &str,
+        name: &str,
+    ) -> anyhow::Result<Client> {
+        let (connection, _) = brokers.connect(0, name).await?;
         let channel = connection
             .create_channel()
             .await
@@ -156,6 +167,11 @@ impl Client {
         })
     }
 
+    /// Whether the connection is gone, so that every call fails at once.
+    pub fn is_closed(&self) -> bool {
+        self.pending.lock().expect("pending lock").closed.is_some()
+    }
+
     /// Calls `module` with `input` and waits up to `timeout` for its reply.
     ///
     /// An error reply from the node is a `Reply` (see [`Reply::error`]); an
@@ -189,6 +205,7 @@ impl Client {
             &correlation_id,
             timeout,
             options.traceparent.as_ref(),
+            options.depth,
             unix_time(),
         );
         let published = self

@@ -7,12 +7,14 @@
 
 pub mod amqp;
 pub mod bench;
+pub mod children;
 pub mod cli;
 pub mod client;
 pub mod dead;
 pub mod deploy;
 pub mod files;
 pub mod http;
+pub mod local;
 pub mod logging;
 pub mod manifest;
 pub mod metrics;

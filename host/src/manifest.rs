@@ -4,6 +4,9 @@
 //! # Every key is optional; what is left out takes the node's setting.
 //! # The content_type of successful replies [default: application/octet-stream].
 //! content_type = "application/json"
+//! # The modules it may call through wasmrpc:compute/fleet, or ["*"] for any;
+//! # a module that imports fleet loads only if this names some [default: none].
+//! calls = ["fib"]
 //!
 //! [limits]
 //! time = "2s"        # ms, s or m; a bare number is seconds
@@ -21,7 +24,8 @@ use std::time::Duration;
 use anyhow::Context as _;
 use serde::{Deserialize, Deserializer};
 
-use crate::runtime::Limits;
+use crate::names::ModuleName;
+use crate::runtime::{Callees, Limits};
 use crate::units::{Bytes, parse_duration};
 
 #[derive(Debug, Default, Deserialize)]
@@ -30,6 +34,9 @@ pub struct Manifest {
     /// The `content_type` of the module's successful replies.
     #[serde(default, deserialize_with = "content_type")]
     pub content_type: Option<String>,
+    /// The modules it may call (`wasmrpc:compute/fleet`): names, or `*`.
+    #[serde(default, deserialize_with = "callees")]
+    pub calls: Callees,
     #[serde(default)]
     pub limits: LimitOverrides,
 }
@@ -96,6 +103,16 @@ impl Manifest {
             .with_context(|| format!("invalid manifest {}", path.display()))?;
         Ok(Some(manifest))
     }
+}
+
+/// Module names (each one a module could have), or `"*"` alone.
+fn callees<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Callees, D::Error> {
+    let names = Vec::<String>::deserialize(deserializer)?;
+    for name in names.iter().filter(|name| *name != "*") {
+        name.parse::<ModuleName>()
+            .map_err(|error| serde::de::Error::custom(format!("calls: {name:?}: {error}")))?;
+    }
+    Callees::from_list(&names).map_err(serde::de::Error::custom)
 }
 
 /// A number, or a string with a unit.

@@ -197,6 +197,7 @@ pub struct Metrics {
     run_time: Histograms,
     queue_wait: Histograms,
     limits: Family<LimitLabels, Counter>,
+    child_calls: Family<RequestLabels, Counter>,
     reconnects: Counter,
     readings: ReadingsSource,
 }
@@ -236,6 +237,12 @@ impl Default for Metrics {
             "Requests stopped by a limit, by module and limit",
             limits.clone(),
         );
+        let child_calls = Family::default();
+        registry.register(
+            "child_calls",
+            "Calls modules made to other modules (wasmrpc:compute/fleet), by calling module and outcome (ok or the error kind)",
+            child_calls.clone(),
+        );
         let reconnects = Counter::default();
         registry.register(
             "broker_reconnects",
@@ -258,6 +265,7 @@ impl Default for Metrics {
             run_time,
             queue_wait,
             limits,
+            child_calls,
             reconnects,
             readings,
         }
@@ -271,6 +279,17 @@ impl Metrics {
             .get_or_create(&RequestLabels {
                 module: module.to_string(),
                 outcome: error.map_or("ok", ErrorKind::as_str),
+            })
+            .inc();
+    }
+
+    /// A call `module` made to another module ended with `outcome` (`ok`,
+    /// or an error kind; one the node does not know counts as `other`).
+    pub fn child_call(&self, module: &ModuleName, outcome: &'static str) {
+        self.child_calls
+            .get_or_create(&RequestLabels {
+                module: module.to_string(),
+                outcome,
             })
             .inc();
     }

@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 
 use crate::manifest::Manifest;
 use crate::names::ModuleName;
-use crate::runtime::{Limits, Module, Runtime, Wasm};
+use crate::runtime::{Callees, Limits, Module, Runtime, Wasm};
 use crate::stats::Stats;
 use crate::units::{Bytes, display_millis};
 use crate::watch::module_stem;
@@ -35,6 +35,8 @@ pub struct LoadedModule {
     pub path: PathBuf,
     /// The `content_type` of its successful replies.
     pub content_type: String,
+    /// The modules it may call, from its manifest.
+    pub calls: Callees,
 }
 
 /// The set of modules a node serves; cheap to read from many requests at once.
@@ -496,6 +498,7 @@ async fn prepare(
         && current.module.digest() == wasm.digest()
         && *current.module.limits() == limits
         && current.content_type == content_type
+        && current.calls == manifest.calls
     {
         return Ok(None);
     }
@@ -522,7 +525,15 @@ pub fn compile(
     limits: Limits,
 ) -> anyhow::Result<LoadedModule> {
     let module = runtime.compile(wasm, &limits)?;
+    if module.imports_fleet() && manifest.calls.is_none() {
+        anyhow::bail!(
+            "it imports wasmrpc:compute/fleet but its manifest names no module it may call: \
+             add calls = [\"MODULE\", ...] (or [\"*\"]) to {}",
+            path.with_extension("toml").display()
+        );
+    }
     Ok(LoadedModule {
+        calls: manifest.calls.clone(),
         name: name.clone(),
         version: module.digest()[..16].to_owned(),
         module,

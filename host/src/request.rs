@@ -23,12 +23,13 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
+use crate::children::{ChildCalls, Children, Place};
 use crate::logging::Escaped;
 use crate::metrics::{Limit, Metrics};
 use crate::names::ModuleName;
 use crate::registry::LoadedModule;
 use crate::replies::{Replies, ReplyError};
-use crate::runtime::CallError;
+use crate::runtime::{CallError, Calling};
 use crate::settler::Settlement;
 use crate::settler::Ticket;
 use crate::stats::Stats;
@@ -74,6 +75,8 @@ pub(crate) struct Requests {
     pub stats: Arc<Stats>,
     pub metrics: Arc<Metrics>,
     pub admission: Admission,
+    /// What modules' calls to other modules go through.
+    pub children: Arc<Children>,
     /// Where poison requests go, for the message that says so.
     pub dead_queue: String,
     /// Where requests are published, for one forwarded to its module.
@@ -87,8 +90,9 @@ pub(crate) struct Requests {
 pub(crate) struct Admission {
     /// Deliveries after which a request is poison.
     delivery_limit: u32,
-    /// Requests in progress at once (the runtime's instances).
-    slots: Semaphore,
+    /// Requests in progress at once (the runtime's instances, but for those
+    /// kept for requests that wait for their calls to other modules).
+    slots: Arc<Semaphore>,
     /// Each module's share of them, so that a module whose requests sleep
     /// or loop cannot keep the others from running. By name: the versions
     /// of a module share its share.
@@ -97,9 +101,9 @@ pub(crate) struct Admission {
 }
 
 /// A request's place among those in progress; given back when dropped.
-pub(crate) struct Admitted<'a> {
+pub(crate) struct Admitted {
     _share: tokio::sync::OwnedSemaphorePermit,
-    _slot: tokio::sync::SemaphorePermit<'a>,
+    _slot: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl Admission {
@@ -107,7 +111,7 @@ impl Admission {
     pub(crate) fn new(instances: usize, delivery_limit: u32) -> Admission {
         Admission {
             delivery_limit,
-            slots: Semaphore::new(instances),
+            slots: Arc::new(Semaphore::new(instances)),
             per_module: (instances / 2).max(1),
             shares: Mutex::default(),
         }
@@ -121,13 +125,18 @@ impl Admission {
     /// Waits for a place for a request for `module`: the module's share
     /// first, so that a module at its share holds no instance another
     /// module could use.
-    async fn admit(&self, module: &ModuleName) -> Admitted<'_> {
+    async fn admit(&self, module: &ModuleName) -> Admitted {
         let share = self
             .share(module)
             .acquire_owned()
             .await
             .expect("shares are never closed");
-        let slot = self.slots.acquire().await.expect("slots are never closed");
+        let slot = self
+            .slots
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("slots are never closed");
         Admitted {
             _share: share,
             _slot: slot,
@@ -136,9 +145,9 @@ impl Admission {
 
     /// A place for a request for `module` if one is free now: the common
     /// case, which needs no wait to be set up and torn down.
-    fn try_admit(&self, module: &ModuleName) -> Option<Admitted<'_>> {
+    fn try_admit(&self, module: &ModuleName) -> Option<Admitted> {
         let share = self.share(module).try_acquire_owned().ok()?;
-        let slot = self.slots.try_acquire().ok()?;
+        let slot = self.slots.clone().try_acquire_owned().ok()?;
         Some(Admitted {
             _share: share,
             _slot: slot,
@@ -391,7 +400,7 @@ async fn run_module(
     tracing::debug!(redelivered = delivery.redelivered, "running");
     let running = context.node.stats.run();
     let reply = tokio::select! {
-        reply = run(context, &module, &delivery.data, deadline) => reply,
+        reply = run(context, &module, request, &delivery.data, deadline, permit) => reply,
         // Dropping the call stops the guest at once and frees its slot for
         // the requests of the next session.
         () = context.lost.cancelled() => {
@@ -399,7 +408,7 @@ async fn run_module(
             return Handled::Lost;
         }
     };
-    drop((running, permit));
+    drop(running);
     Handled::Answer(Outcome {
         reply,
         settlement: Settlement::Ack,
@@ -407,14 +416,46 @@ async fn run_module(
     })
 }
 
+/// Runs `module` on `input` within its place among the node's requests,
+/// which it gives back when done.
 async fn run(
     context: &Context,
     module: &LoadedModule,
+    request: &Request,
     input: &[u8],
     deadline: Option<Instant>,
+    admitted: Admitted,
 ) -> Response {
     let started = Instant::now();
-    let result = module.module.call(input, deadline).await;
+    let result = match module.module.imports_fleet() {
+        false => {
+            let result = module.module.call(input, deadline).await;
+            drop(admitted);
+            result
+        }
+        true => {
+            let place = Arc::new(Mutex::new(Place::Admitted(admitted)));
+            let own = started + module.module.limits().time;
+            let calls = ChildCalls {
+                children: context.node.children.clone(),
+                module: module.name.clone(),
+                deadline: deadline.map_or(own, |deadline| deadline.min(own)),
+                trace: request.trace.as_ref().map(|trace| trace.parent.clone()),
+                depth: request.depth,
+                place: place.clone(),
+            };
+            let calling = Calling {
+                fleet: Arc::new(calls),
+                callees: module.calls.clone(),
+            };
+            let result = module
+                .module
+                .call_with(input, deadline, Some(calling))
+                .await;
+            *place.lock().expect("place lock") = Place::Gone;
+            result
+        }
+    };
     context.node.metrics.ran(&module.name, started.elapsed());
     let reply = match result {
         Ok(output) => Response {

@@ -153,3 +153,63 @@ async fn run_takes_the_limit_flags_and_refuses_what_is_not_a_module() {
         );
     }
 }
+
+/// `wasmrpc run FILE --modules DIR ARG`: exit code, stdout, stderr.
+fn run_with_modules(
+    file: &std::path::Path,
+    dir: &std::path::Path,
+    arg: &str,
+) -> (i32, String, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_wasmrpc"))
+        .arg("run")
+        .arg(file)
+        .arg("--modules")
+        .arg(dir)
+        .arg(arg)
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    (
+        output.status.code().unwrap_or(-1),
+        text(&output.stdout),
+        text(&output.stderr),
+    )
+}
+
+#[test]
+fn run_resolves_calls_to_other_modules_in_a_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let copy = |guest: &str, name: &str, manifest: Option<&str>| {
+        let path = dir.path().join(format!("{name}.wasm"));
+        std::fs::copy(crate::support::guests::wasm(guest), &path).unwrap();
+        if let Some(manifest) = manifest {
+            std::fs::write(dir.path().join(format!("{name}.toml")), manifest).unwrap();
+        }
+        path
+    };
+    copy("fib", "fib", None);
+    let sumfib = copy("sumfib", "sumfib", Some("calls = [\"fib\"]\n"));
+    let relay = copy("relay", "a", Some("calls = [\"*\"]\n"));
+
+    let (code, stdout, stderr) = run_with_modules(&sumfib, dir.path(), "1..30");
+    assert_eq!((code, stdout.trim()), (0, "2178308"), "{stderr}");
+
+    // The same depth limit as a node's: a module calling itself ends.
+    let (code, _, stderr) = run_with_modules(&relay, dir.path(), "a,a,a,a,a,a,a;1");
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains("too_deep: a call to \"a\" would be 5 deep"),
+        "{stderr}"
+    );
+
+    // A module the directory does not hold is not found, as on a fleet.
+    let (code, _, stderr) = run_with_modules(&relay, dir.path(), "nobody;1");
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("nobody: not_found: "), "{stderr}");
+
+    // Without a manifest naming its callees, a calling module does not run.
+    std::fs::remove_file(dir.path().join("sumfib.toml")).unwrap();
+    let (code, _, stderr) = run_with_modules(&sumfib, dir.path(), "1..3");
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("names no module it may call"), "{stderr}");
+}

@@ -9,6 +9,7 @@ mod support;
 mod bench;
 mod bundled;
 mod cache;
+mod calls;
 mod cli;
 mod cluster;
 mod contract;

@@ -97,6 +97,7 @@ async fn the_client_sends_a_trace_and_reads_the_answer() {
     let trace = TraceParent::new_trace();
     let options = CallOptions {
         traceparent: Some(trace),
+        ..CallOptions::default()
     };
     let reply = client
         .call_with("fib", b"10", REPLY_TIMEOUT, &options)

@@ -50,6 +50,7 @@ pub(super) async fn run(args: CallArgs, global: &Global) -> Result<(), Failure> 
         .map_err(Failure::Broker)?;
     let options = CallOptions {
         traceparent: Some(args.traceparent.unwrap_or_else(TraceParent::new_trace)),
+        ..CallOptions::default()
     };
     let reply = client
         .call_with(&args.module, &input, args.timeout, &options)

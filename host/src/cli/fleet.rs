@@ -23,7 +23,8 @@ pub(super) struct PingArgs {
     pub(super) flags: FleetArgs,
 }
 
-/// List every live node's modules: kind, version, calls answered and failed.
+/// List every live node's modules: kind, version, calls answered and failed,
+/// and the modules each may call (its manifest's `calls`).
 ///
 /// Asks every node on the exchange and waits `--wait` for the answers; a node
 /// that is gone does not answer. Calls are counted per node since it started.
@@ -104,6 +105,7 @@ fn modules_table(nodes: &[NodeStatus]) -> String {
                 "-".to_owned(),
                 "0".to_owned(),
                 "0".to_owned(),
+                "-".to_owned(),
             ]
         });
         node.modules
@@ -115,6 +117,10 @@ fn modules_table(nodes: &[NodeStatus]) -> String {
                     module.version.clone(),
                     module.calls.to_string(),
                     module.failed.to_string(),
+                    match module.may_call.is_empty() {
+                        true => "-".to_owned(),
+                        false => module.may_call.join(","),
+                    },
                 ]
             })
             .chain(placeholder)
@@ -127,7 +133,7 @@ fn modules_table(nodes: &[NodeStatus]) -> String {
     });
     table(
         &[
-            "NODE", "HOST", "UPTIME", "MODULE", "KIND", "VERSION", "CALLS", "FAILED",
+            "NODE", "HOST", "UPTIME", "MODULE", "KIND", "VERSION", "CALLS", "FAILED", "MAY CALL",
         ],
         rows,
     )

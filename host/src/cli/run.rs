@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use clap::Args;
 
 use super::common::{Failure, print_body, read_input};
-use super::serve::{CacheArgs, LimitArgs};
+use super::serve::{CacheArgs, ChildArgs, LimitArgs};
+use crate::local::LocalFleet;
 use crate::names::ModuleName;
 use crate::registry;
 use crate::runtime::{Runtime, RuntimeConfig};
@@ -18,10 +19,15 @@ use crate::wire::ErrorKind;
 /// `serve`. Its output goes to stdout; an error prints its kind and message
 /// to stderr, as `call` does.
 ///
+/// A module that calls other modules (`wasmrpc:compute/fleet`) calls the
+/// modules of `--modules` here, in this process, with the limits and errors
+/// a node would give it.
+///
 /// Exit codes: 0 the module answered, 1 it failed (the error kind as a node
 /// would reply it), 2 bad usage (a file that is missing or not a module).
 ///
-/// Examples: `wasmrpc run modules/fib.wasm 30`; `echo 30 | wasmrpc run fib.wasm -`
+/// Examples: `wasmrpc run modules/fib.wasm 30`; `echo 30 | wasmrpc run fib.wasm -`;
+/// `wasmrpc run sumfib.wasm --modules modules 1..30`
 #[derive(Debug, Args)]
 pub(super) struct RunArgs {
     /// The module file, e.g. `modules/fib.wasm`.
@@ -38,8 +44,16 @@ pub(super) struct RunArgs {
     #[command(flatten)]
     limits: LimitArgs,
 
+    /// Where the modules it calls are (`NAME.wasm`, with `NAME.toml`)
+    /// [default: the directory of FILE].
+    #[arg(long, env = "WASMRPC_MODULES")]
+    modules: Option<PathBuf>,
+
     #[command(flatten)]
     cache: CacheArgs,
+
+    #[command(flatten)]
+    calls: ChildArgs,
 }
 
 pub(super) async fn run(args: RunArgs) -> Result<(), Failure> {
@@ -53,7 +67,12 @@ pub(super) async fn run(args: RunArgs) -> Result<(), Failure> {
     let name: ModuleName = stem
         .parse()
         .map_err(|invalid| Failure::Usage(anyhow::anyhow!("{}: {invalid}", args.file.display())))?;
-    let mut config = RuntimeConfig::new(1, None);
+    let bounds = args.calls.limits();
+    let mut config = RuntimeConfig::new(crate::node::default_concurrency(), None);
+    // Every request of a chain of calls is alive at once, here.
+    config.max_instances = config
+        .max_instances
+        .saturating_add(u32::try_from(bounds.max_waiting).unwrap_or(u32::MAX));
     if let Some((dir, size)) = args.cache.cache() {
         config.cache_dir = Some(dir);
         config.cache_size = size;
@@ -66,7 +85,17 @@ pub(super) async fn run(args: RunArgs) -> Result<(), Failure> {
             Failure::Usage(error.context(format!("{} cannot be run", args.file.display())))
         })?
         .expect("a first load always loads");
-    match module.module.call(&input, None).await {
+    let calling = module.module.imports_fleet().then(|| {
+        let dir = args.modules.clone().unwrap_or_else(|| {
+            args.file
+                .parent()
+                .filter(|dir| !dir.as_os_str().is_empty())
+                .map_or_else(|| PathBuf::from("."), ToOwned::to_owned)
+        });
+        let deadline = std::time::Instant::now() + module.module.limits().time;
+        LocalFleet::new(runtime.clone(), dir, limits.clone(), bounds).calling(&module, deadline, 0)
+    });
+    match module.module.call_with(&input, None, calling).await {
         Ok(output) => print_body(&output, args.raw),
         Err(error) => Err(Failure::Reply {
             kind: ErrorKind::from(&error).to_string(),

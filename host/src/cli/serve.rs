@@ -5,8 +5,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
+use clap::builder::TypedValueParser as _;
 
 use super::common::{Failure, Global, parse_size, runtime};
+use crate::children::ChildLimits;
 use crate::deploy::TrustedKeys;
 use crate::http;
 use crate::manifest::LimitOverrides;
@@ -64,6 +66,9 @@ pub(super) struct ServeArgs {
 
     #[command(flatten)]
     cache: CacheArgs,
+
+    #[command(flatten)]
+    calls: ChildArgs,
 
     /// Take modules deployed with `wasmrpc deploy` when they are signed by
     /// a key listed in this file (public keys from `wasmrpc keygen`, one a
@@ -127,6 +132,49 @@ impl LimitArgs {
         }
         .apply_to(&Limits::DEFAULT)
         .map_err(|error| Failure::Usage(anyhow::anyhow!(error)))
+    }
+}
+
+/// The bounds on modules' calls to other modules (`wasmrpc:compute/fleet`);
+/// shared by `serve` and `run`.
+#[derive(Debug, Args)]
+pub(super) struct ChildArgs {
+    /// How deep a chain of calls between modules may go: a module called by
+    /// an outside caller is at depth 0, the modules it calls at 1. A call
+    /// past it fails `too_deep`, so a module that calls itself ends.
+    #[arg(long, env = "WASMRPC_MAX_CALL_DEPTH", default_value_t = ChildLimits::default().max_depth, help_heading = "Calls between modules")]
+    max_call_depth: u32,
+
+    /// The most calls one `call-all` may make; more fail `too_many`.
+    #[arg(long, env = "WASMRPC_MAX_FAN_OUT", default_value_t = ChildLimits::default().max_calls, value_parser = clap::value_parser!(u32).range(1..=65536).map(|n| n as usize), help_heading = "Calls between modules")]
+    max_fan_out: usize,
+
+    /// The most calls between modules in flight from this node at once;
+    /// more fail `busy`.
+    #[arg(long, env = "WASMRPC_MAX_CALLS_IN_FLIGHT", default_value_t = ChildLimits::default().max_in_flight, value_parser = clap::value_parser!(u32).range(1..).map(|n| n as usize), help_heading = "Calls between modules")]
+    max_calls_in_flight: usize,
+
+    /// The most requests that may wait for their calls at once. Each keeps
+    /// its instance (beside the 4 × concurrency of requests in progress)
+    /// but no core; past it a call fails `busy`.
+    #[arg(long, env = "WASMRPC_MAX_WAITING_CALLERS", default_value_t = ChildLimits::default().max_waiting, value_parser = clap::value_parser!(u32).range(1..=4096).map(|n| n as usize), help_heading = "Calls between modules")]
+    max_waiting_callers: usize,
+
+    /// The most memory the waiting requests may hold in all (their
+    /// instances' memory and their calls' inputs); past it a call fails `busy`.
+    #[arg(long, env = "WASMRPC_WAITING_MEMORY", default_value = "2GiB", value_parser = parse_size, help_heading = "Calls between modules")]
+    waiting_memory: u64,
+}
+
+impl ChildArgs {
+    pub(super) fn limits(&self) -> ChildLimits {
+        ChildLimits {
+            max_depth: self.max_call_depth,
+            max_calls: self.max_fan_out,
+            max_in_flight: self.max_calls_in_flight,
+            max_waiting: self.max_waiting_callers,
+            waiting_memory: self.waiting_memory,
+        }
     }
 }
 
@@ -238,6 +286,7 @@ fn config(args: ServeArgs, global: &Global) -> Result<NodeConfig, Failure> {
     }
     config.limits = args.limits.limits()?;
     config.delivery_limit = args.delivery_limit;
+    config.children = args.calls.limits();
     // RabbitMQ takes 512 MiB at most; an error reply must always fit.
     if !(4 << 10..=512 << 20).contains(&args.max_message_size) {
         return Err(Failure::Usage(anyhow::anyhow!(

@@ -134,6 +134,7 @@ fn status(shared: &Shared) -> NodeStatus {
                 kind: module.module.kind().to_string(),
                 calls: calls.answered,
                 failed: calls.failed,
+                may_call: module.calls.to_list(),
             }
         })
         .collect();

@@ -36,6 +36,7 @@ use tokio_util::task::TaskTracker;
 use self::session::{OpenError, Session, SessionEnd};
 use self::shared::{Identity, Modules, Shared, Shown};
 use crate::amqp::Brokers;
+use crate::children::{ChildLimits, Children};
 use crate::deploy::TrustedKeys;
 use crate::metrics::Metrics;
 use crate::names::ModuleName;
@@ -78,6 +79,8 @@ pub struct NodeConfig {
     pub accept_deploys: Option<TrustedKeys>,
     /// The largest module a deploy may bring.
     pub deploy_limit: usize,
+    /// The bounds on modules' calls to other modules.
+    pub children: ChildLimits,
 }
 
 impl NodeConfig {
@@ -105,6 +108,7 @@ impl NodeConfig {
             max_message: Self::DEFAULT_MAX_MESSAGE,
             accept_deploys: None,
             deploy_limit: Self::DEFAULT_DEPLOY_LIMIT,
+            children: ChildLimits::default(),
         }
     }
 }
@@ -168,6 +172,10 @@ impl Node {
         let mut runtime_config = RuntimeConfig::new(config.concurrency, config.cache_dir.clone());
         runtime_config.cache_size = config.cache_size;
         let instances = runtime_config.max_instances;
+        // Requests that wait for their calls to other modules keep their
+        // instances, beside the requests admitted.
+        let waiting = u32::try_from(config.children.max_waiting).unwrap_or(u32::MAX);
+        runtime_config.max_instances = instances.saturating_add(waiting);
         let runtime = Runtime::new(&runtime_config)?;
         // Watch before the first scan, so nothing that changes during it is missed.
         let (watcher, changes) = watch::watch(&config.modules_dir)?;
@@ -214,11 +222,19 @@ impl Node {
         );
         let topology = Topology::new(&config.exchange);
         let metrics = Arc::new(Metrics::default());
+        let children = Children::new(
+            config.brokers.clone(),
+            config.exchange.clone(),
+            format!("wasmrpc node {id} calls"),
+            config.children.clone(),
+            metrics.clone(),
+        );
         let requests = Arc::new(Requests {
             replies: Arc::new(replies),
             stats: stats.clone(),
             metrics: metrics.clone(),
             admission: Admission::new(instances as usize, config.delivery_limit),
+            children: Arc::new(children),
             dead_queue: topology.dead_queue(),
             requests_exchange: topology.exchange().to_owned(),
             stopping: CancellationToken::new(),
@@ -383,6 +399,7 @@ impl Node {
         tasks.close();
         tasks.wait().await;
         self.shared.requests.replies.close().await;
+        self.shared.requests.children.close().await;
         tracing::info!(node = %self.shared.identity.id, "stopped");
         outcome
     }

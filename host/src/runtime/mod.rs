@@ -15,10 +15,12 @@
 //!
 //! Cost model: [`Runtime::compile`] is slow (tens to hundreds of milliseconds,
 //! call it off the async path); [`Module::call`] instantiates from a pooled,
-//! pre-linked [`bindings::ModulePre`] and costs tens of microseconds before
+//! pre-linked [`bindings::FleetModulePre`] and costs tens of microseconds before
 //! the guest runs.
 
+mod bindings;
 mod cache;
+mod fleet;
 mod limits;
 mod output;
 mod sandbox;
@@ -51,18 +53,11 @@ use tokio_util::sync::PollSemaphore;
 
 use self::cache::ArtifactCache;
 pub use self::cache::{DEFAULT_SIZE as DEFAULT_CACHE_SIZE, KEY_FILE as CACHE_KEY_FILE};
+pub use self::fleet::{Callees, Calling, Fleet, FleetError, Outcome, kind as fleet_kind};
 pub use self::limits::Limits;
 use self::output::Output;
 use self::sandbox::{DeadlineExceeded, MemoryLimitExceeded, Sandbox};
 use crate::units::{Bytes, display_millis};
-
-mod bindings {
-    wasmtime::component::bindgen!({
-        path: "../wit",
-        world: "module",
-        exports: { default: async },
-    });
-}
 
 /// How much of a slot's memory (and of its tables) stays resident between
 /// instances, per slot: what a small guest touches (a Rust guest's 1 MiB
@@ -213,13 +208,19 @@ impl Runtime {
                 component
             }
         };
-        let imports_wasi = component.component_type().imports(&engine).next().is_some();
+        let (mut imports_wasi, mut imports_fleet) = (false, false);
+        for (name, _) in component.component_type().imports(&engine) {
+            match name == fleet::INTERFACE {
+                true => imports_fleet = true,
+                false => imports_wasi = true,
+            }
+        }
         let pre = linker
             .instantiate_pre(&component)
-            .context("imports something other than WASI 0.2")?;
+            .context("imports something other than WASI 0.2 and wasmrpc:compute/fleet")?;
         let (entry, kind) = match component.get_export_index(None, "call") {
             Some(call) => {
-                let pre = bindings::ModulePre::new(pre)
+                let pre = bindings::FleetModulePre::new(pre)
                     .context("does not implement the wasmrpc:compute/module world")?;
                 (Entry::Call { pre, call }, ModuleKind::Component)
             }
@@ -240,6 +241,7 @@ impl Runtime {
             kind,
             running: self.running.clone(),
             imports_wasi,
+            imports_fleet,
             engine,
             limits: limits.clone(),
             digest: wasm.digest(),
@@ -257,6 +259,11 @@ impl Runtime {
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)
             .context("failed to link the WASI sandbox")?;
+        bindings::wasmrpc::compute::fleet::add_to_linker::<_, wasmtime::component::HasSelf<_>>(
+            &mut linker,
+            |sandbox: &mut Sandbox| sandbox,
+        )
+        .context("failed to link the fleet interface")?;
         let mut hasher = std::hash::DefaultHasher::new();
         engine.precompile_compatibility_hash().hash(&mut hasher);
         let flavor = Flavor {
@@ -327,6 +334,8 @@ pub struct Module {
     /// The runtime's permits to execute wasm.
     running: Arc<Semaphore>,
     imports_wasi: bool,
+    /// Whether it imports `wasmrpc:compute/fleet`: it calls other modules.
+    imports_fleet: bool,
     engine: Engine,
     limits: Limits,
     digest: String,
@@ -338,7 +347,7 @@ pub struct Module {
 enum Entry {
     /// The wasmrpc world: `call`, called through [`CallFunc`].
     Call {
-        pre: bindings::ModulePre<Sandbox>,
+        pre: bindings::FleetModulePre<Sandbox>,
         call: ComponentExportIndex,
     },
     /// A WASI program: `wasi:cli/run`, with the request on stdin.
@@ -503,6 +512,11 @@ impl Module {
         self.from_cache
     }
 
+    /// Whether it imports `wasmrpc:compute/fleet`, to call other modules.
+    pub fn imports_fleet(&self) -> bool {
+        self.imports_fleet
+    }
+
     /// Runs one request in a fresh instance, within the module's limits and
     /// the caller's `deadline`, whichever ends first.
     ///
@@ -513,6 +527,17 @@ impl Module {
         &self,
         input: &[u8],
         deadline: Option<Instant>,
+    ) -> Result<Vec<u8>, CallError> {
+        self.call_with(input, deadline, None).await
+    }
+
+    /// [`Module::call`], with `calling` for the guest's calls to other
+    /// modules (without it, every such call fails `unavailable`).
+    pub async fn call_with(
+        &self,
+        input: &[u8],
+        deadline: Option<Instant>,
+        calling: Option<Calling>,
     ) -> Result<Vec<u8>, CallError> {
         let limits = &self.limits;
         if input.len() > limits.request {
@@ -542,10 +567,13 @@ impl Module {
             }
         };
 
-        let sandbox = match self.entry {
+        let mut sandbox = match self.entry {
             Entry::Call { .. } => Sandbox::new(limits, self.imports_wasi),
             Entry::Program { .. } => Sandbox::program(limits, input),
         };
+        if self.imports_fleet {
+            sandbox.set_calling(calling);
+        }
         let mut store = Store::new(&self.engine, sandbox);
         store.limiter(|sandbox| sandbox);
         store.set_epoch_deadline(1);

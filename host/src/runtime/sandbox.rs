@@ -21,6 +21,8 @@ use wasmtime_wasi::p2::pipe::MemoryInputPipe;
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
+use super::bindings::wasmrpc::compute::fleet::Host as FleetHost;
+use super::fleet::{self, Calling, Outcome};
 use super::limits::Limits;
 
 /// How much of a guest's stdout and of its stderr is kept; the rest is dropped.
@@ -35,6 +37,8 @@ pub struct Sandbox {
     wasi: Option<Wasi>,
     /// A WASI program: its stdout is its output, not something to log.
     program: bool,
+    /// What its calls to other modules go through, if it makes any.
+    calling: Option<Calling>,
 }
 
 struct Wasi {
@@ -68,6 +72,7 @@ impl Sandbox {
             memory_used: 0,
             wasi,
             program: false,
+            calling: None,
         }
     }
 
@@ -84,7 +89,12 @@ impl Sandbox {
             memory_used: 0,
             wasi: Some(wasi),
             program: true,
+            calling: None,
         }
+    }
+
+    pub fn set_calling(&mut self, calling: Option<Calling>) {
+        self.calling = calling;
     }
 
     /// A program's stdout: what it kept, and how many bytes were written in
@@ -114,6 +124,19 @@ impl Sandbox {
             tracing::info!(target: "wasmrpc::guest", stderr = %stderr.trim_end(), "guest wrote to stderr");
         }
         stderr
+    }
+}
+
+/// A guest's calls to other modules: checked and made by [`fleet::call_all`].
+impl FleetHost for Sandbox {
+    async fn call(&mut self, module: String, input: Vec<u8>) -> Outcome {
+        let mut outcomes = self.call_all(vec![(module, input)]).await;
+        outcomes.pop().expect("one outcome per call")
+    }
+
+    async fn call_all(&mut self, calls: Vec<(String, Vec<u8>)>) -> Vec<Outcome> {
+        let memory = (self.memory_used, self.memory_limit);
+        fleet::call_all(self.calling.clone(), memory, calls).await
     }
 }
 

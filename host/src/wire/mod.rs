@@ -56,6 +56,11 @@ pub const TRACESTATE_HEADER: &str = "tracestate";
 /// came before the queue was bound): how many times it was.
 pub const FORWARDS_HEADER: &str = "x-wasmrpc-forwards";
 
+/// Set on a call a module makes to another module: how deep in a chain of
+/// such calls it is (1 for a call made by a module an outside caller
+/// called). A node refuses to make calls past its `--max-call-depth`.
+pub const DEPTH_HEADER: &str = "x-wasmrpc-depth";
+
 /// The `app_id` of every reply.
 pub const APP_ID: &str = "wasmrpc";
 
@@ -182,6 +187,9 @@ pub struct ModuleStatus {
     pub calls: u64,
     /// Of those, the ones answered with an error.
     pub failed: u64,
+    /// The modules it may call (its manifest's `calls`): names, or `*`.
+    #[serde(default)]
+    pub may_call: Vec<String>,
 }
 
 /// What nodes from before kinds were reported serve.

@@ -16,8 +16,8 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use crate::amqp::header_u64;
 use crate::trace::TraceParent;
 use crate::wire::{
-    ACQUIRED_COUNT_HEADER, DEADLINE_HEADER, DELIVERY_COUNT_HEADER, FORWARDS_HEADER, TIMEOUT_HEADER,
-    TRACEPARENT_HEADER, TRACESTATE_HEADER,
+    ACQUIRED_COUNT_HEADER, DEADLINE_HEADER, DELIVERY_COUNT_HEADER, DEPTH_HEADER, FORWARDS_HEADER,
+    TIMEOUT_HEADER, TRACEPARENT_HEADER, TRACESTATE_HEADER,
 };
 
 /// The pseudo-queue RabbitMQ routes direct replies through.
@@ -26,16 +26,21 @@ pub const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
 /// The properties of a call: replies by direct reply-to, `timeout` as both
 /// the broker's expiration (nobody waits for it after) and the node's
 /// deadline, the trace it belongs to, and `now` (Unix time) as its
-/// timestamp, from which nodes measure how long it waited in its queue.
+/// timestamp, from which nodes measure how long it waited in its queue;
+/// for a call a module makes, its `depth` in the chain of calls (0: none).
 pub fn properties(
     correlation_id: &str,
     timeout: Duration,
     traceparent: Option<&TraceParent>,
+    depth: u32,
     now: Duration,
 ) -> BasicProperties {
     let millis = timeout.as_millis().clamp(1, u128::from(u32::MAX)) as u32;
     let mut headers = FieldTable::default();
     headers.insert(TIMEOUT_HEADER.into(), AMQPValue::LongUInt(millis));
+    if depth > 0 {
+        headers.insert(DEPTH_HEADER.into(), AMQPValue::LongUInt(depth));
+    }
     if let Some(traceparent) = traceparent {
         headers.insert(
             TRACEPARENT_HEADER.into(),
@@ -72,6 +77,9 @@ pub(crate) struct Request {
     pub queued: Option<Duration>,
     /// How many times nodes forwarded it to its module's queue.
     pub forwards: u64,
+    /// How deep in a chain of calls between modules it is (0: an outside
+    /// caller's; one that cannot be read counts as the deepest).
+    pub depth: u32,
 }
 
 impl Request {
@@ -127,6 +135,10 @@ impl Request {
                 .ok()
                 .flatten()
                 .unwrap_or(0),
+            depth: match header_u64(headers, DEPTH_HEADER) {
+                Ok(depth) => depth.map_or(0, |depth| u32::try_from(depth).unwrap_or(u32::MAX)),
+                Err(_) => u32::MAX,
+            },
         }
     }
 }
@@ -266,7 +278,7 @@ mod tests {
             .parse()
             .unwrap();
         let now = unix_time();
-        let sent = properties("c-1", Duration::from_millis(1500), Some(&parent), now);
+        let sent = properties("c-1", Duration::from_millis(1500), Some(&parent), 3, now);
         let received = Instant::now();
         let request = Request::decode(
             &"fib".into(),
@@ -288,6 +300,7 @@ mod tests {
         assert_eq!(request.delivery_count, 0);
         assert!(request.queued.unwrap() >= Duration::from_secs(1));
         assert_eq!(request.forwards, 0);
+        assert_eq!(request.depth, 3);
     }
 
     #[test]

@@ -1,0 +1,231 @@
+//! A module's calls to other modules: the host side of the WIT `fleet`
+//! interface.
+//!
+//! The runtime checks what it can know alone: which modules this one may
+//! call ([`Callees`], from its manifest), how many calls one `call-all` may
+//! make, and that the inputs, then the replies, fit in the module's memory
+//! limit. It hands the calls that pass to a [`Fleet`], which carries them
+//! (over the broker on a node, in this process for `wasmrpc run`) and knows
+//! the request's deadline, trace and depth. The runtime knows nothing of how.
+//!
+//! A guest waiting for its calls is in a host call: its fiber is suspended,
+//! so it holds none of the runtime's permits to execute wasm (see
+//! [`super::OnPermit`]).
+
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+pub use super::bindings::wasmrpc::compute::fleet::FleetError;
+use crate::units::Bytes;
+
+/// The name the interface is imported by.
+pub const INTERFACE: &str = "wasmrpc:compute/fleet@0.1.0";
+
+/// The kinds of [`FleetError`] the node answers itself, beside the wire's
+/// `x-error` kinds that a called module's reply carries.
+pub mod kind {
+    /// The module's manifest does not name the module called.
+    pub const NOT_ALLOWED: &str = "not_allowed";
+    /// The chain of calls is at the node's depth limit.
+    pub const TOO_DEEP: &str = "too_deep";
+    /// More calls in one `call-all` than the node allows.
+    pub const TOO_MANY: &str = "too_many";
+    /// An input, or the replies, would take the module past its memory limit.
+    pub const TOO_LARGE: &str = "too_large";
+    /// The node already holds as many waiting callers as it may.
+    pub const BUSY: &str = "busy";
+    /// The call could not be made (no broker, or no fleet at all).
+    pub const UNAVAILABLE: &str = "unavailable";
+    /// No reply before the caller's deadline.
+    pub const TIMEOUT: &str = "timeout";
+}
+
+impl FleetError {
+    pub fn new(kind: &str, message: impl Into<String>) -> FleetError {
+        FleetError {
+            kind: kind.to_owned(),
+            message: message.into(),
+        }
+    }
+}
+
+/// What one call to another module came to.
+pub type Outcome = Result<Vec<u8>, FleetError>;
+
+/// Carries one request's calls to other modules.
+pub trait Fleet: Send + Sync {
+    /// The most calls one `call-all` may make.
+    fn max_calls(&self) -> usize;
+
+    /// Makes `calls` at once and returns one outcome per call, in order.
+    /// `memory` is what the calling request holds meanwhile: its instance's
+    /// memory and the calls' inputs.
+    fn call_all(
+        &self,
+        calls: Vec<(String, Vec<u8>)>,
+        memory: u64,
+    ) -> Pin<Box<dyn Future<Output = Vec<Outcome>> + Send + '_>>;
+}
+
+/// The modules a module may call, as its manifest's `calls` names them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Callees {
+    /// None: the default. A module importing `fleet` is refused at load.
+    #[default]
+    None,
+    /// These, by name.
+    Named(Arc<BTreeSet<String>>),
+    /// Any (`["*"]`).
+    Any,
+}
+
+impl Callees {
+    /// From a manifest's list: `*` alone means any.
+    pub fn from_list(names: &[String]) -> Result<Callees, String> {
+        if names.iter().any(|name| name == "*") {
+            if names.len() > 1 {
+                return Err("calls: \"*\" allows every module and stands alone".into());
+            }
+            return Ok(Callees::Any);
+        }
+        if names.is_empty() {
+            return Ok(Callees::None);
+        }
+        Ok(Callees::Named(Arc::new(names.iter().cloned().collect())))
+    }
+
+    pub fn allows(&self, module: &str) -> bool {
+        match self {
+            Callees::None => false,
+            Callees::Named(names) => names.contains(module),
+            Callees::Any => true,
+        }
+    }
+
+    pub fn is_none(&self) -> bool {
+        *self == Callees::None
+    }
+
+    /// As `wasmrpc modules` shows it: names, `*`, or nothing.
+    pub fn to_list(&self) -> Vec<String> {
+        match self {
+            Callees::None => Vec::new(),
+            Callees::Named(names) => names.iter().cloned().collect(),
+            Callees::Any => vec!["*".to_owned()],
+        }
+    }
+}
+
+/// What a request may use to call other modules: set in its sandbox.
+#[derive(Clone)]
+pub struct Calling {
+    pub fleet: Arc<dyn Fleet>,
+    pub callees: Callees,
+}
+
+/// What a guest's `call-all` comes to: the calls checked, made through
+/// `calling`, and their replies checked, one outcome per call in order.
+/// `memory` is the guest's memory in use and its limit; a guest suspended in
+/// this call cannot change it.
+pub(super) async fn call_all(
+    calling: Option<Calling>,
+    (used, limit): (u64, u64),
+    calls: Vec<(String, Vec<u8>)>,
+) -> Vec<Outcome> {
+    let count = calls.len();
+    let all = |error: FleetError| vec![Err(error); count];
+    let Some(calling) = calling else {
+        return all(FleetError::new(
+            kind::UNAVAILABLE,
+            "this run has no fleet to call",
+        ));
+    };
+    let max = calling.fleet.max_calls();
+    if count > max {
+        return all(FleetError::new(
+            kind::TOO_MANY,
+            format!("{count} calls at once, more than the node allows ({max})"),
+        ));
+    }
+    let inputs: u64 = calls.iter().map(|(_, input)| input.len() as u64).sum();
+    let room = limit.saturating_sub(used);
+    if inputs > room {
+        return all(FleetError::new(
+            kind::TOO_LARGE,
+            format!(
+                "the calls' inputs ({}) do not fit in the memory limit of {} ({} in use)",
+                Bytes(inputs),
+                Bytes(limit),
+                Bytes(used)
+            ),
+        ));
+    }
+    let mut outcomes: Vec<Option<Outcome>> = vec![None; count];
+    let mut allowed = Vec::with_capacity(count);
+    let mut places = Vec::with_capacity(count);
+    for (place, (module, input)) in calls.into_iter().enumerate() {
+        if calling.callees.allows(&module) {
+            allowed.push((module, input));
+            places.push(place);
+        } else {
+            outcomes[place] = Some(Err(FleetError::new(
+                kind::NOT_ALLOWED,
+                format!("the module's manifest does not allow calls to {module:?}"),
+            )));
+        }
+    }
+    if !allowed.is_empty() {
+        let made = calling.fleet.call_all(allowed, used + inputs).await;
+        // The replies are the guest's once lowered into its memory: they
+        // must fit there, in order, as far as they go.
+        let mut room = room;
+        for (place, outcome) in places.into_iter().zip(made) {
+            let outcome = match outcome {
+                Ok(reply) if reply.len() as u64 > room => Err(FleetError::new(
+                    kind::TOO_LARGE,
+                    format!(
+                        "the reply of {} does not fit in the memory limit of {} ({} free)",
+                        Bytes(reply.len() as u64),
+                        Bytes(limit),
+                        Bytes(room)
+                    ),
+                )),
+                Ok(reply) => {
+                    room -= reply.len() as u64;
+                    Ok(reply)
+                }
+                Err(error) => Err(error),
+            };
+            outcomes[place] = Some(outcome);
+        }
+    }
+    outcomes
+        .into_iter()
+        .map(|outcome| {
+            outcome
+                .unwrap_or_else(|| Err(FleetError::new(kind::UNAVAILABLE, "the call was not made")))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Callees;
+
+    #[test]
+    fn callees_are_named_or_any_and_none_by_default() {
+        let named = Callees::from_list(&["fib".into(), "sum".into()]).unwrap();
+        assert!(named.allows("fib") && named.allows("sum") && !named.allows("other"));
+        assert!(
+            Callees::from_list(&["*".into()])
+                .unwrap()
+                .allows("anything")
+        );
+        assert!(!Callees::default().allows("fib"));
+        assert!(Callees::from_list(&[]).unwrap().is_none());
+        assert!(Callees::from_list(&["*".into(), "fib".into()]).is_err());
+        assert_eq!(named.to_list(), ["fib", "sum"]);
+    }
+}
