@@ -21,6 +21,9 @@ const FULL: Settings = Settings {
     sandbox_calls: 5_000,
     modules: 200,
     burst: 400,
+    fan_out_jobs: 10,
+    part_ms: 100,
+    child_calls: 1000,
 };
 
 fn main() -> std::process::ExitCode {

@@ -440,7 +440,7 @@ async fn run(
                 children: context.node.children.clone(),
                 module: module.name.clone(),
                 deadline: deadline.map_or(own, |deadline| deadline.min(own)),
-                trace: request.trace.as_ref().map(|trace| trace.parent.clone()),
+                trace: request.trace.as_ref().map(|trace| trace.parent),
                 depth: request.depth,
                 place: place.clone(),
             };

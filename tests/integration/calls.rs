@@ -105,7 +105,7 @@ async fn a_module_that_calls_itself_ends_at_the_depth_limit() {
         .config(|config| config.children.max_depth = 3)
         .start()
         .await;
-    let chain = vec!["a"; 10].join(",");
+    let chain = ["a"; 10].join(",");
     let reply = node.call("a", format!("{chain};1")).await;
     let (kind, body) = failed(&reply);
     assert_eq!(kind, ErrorKind::GuestError.as_str(), "{body}");

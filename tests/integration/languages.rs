@@ -74,3 +74,25 @@ async fn each_languages_guest_answers_through_a_node() {
         String::from_utf8_lossy(&refused.body)
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_python_module_calls_the_fleet() {
+    let cache = guests::repo().join("guests/target/test-cache");
+    let mut node = TestNode::setup(&["fib"])
+        .file(
+            "pysumfib.wasm",
+            std::fs::read(guests::lang("pysumfib")).unwrap(),
+        )
+        .manifest("pysumfib", "calls = [\"fib\"]\n")
+        .config(move |config| config.cache_dir = Some(cache))
+        .start()
+        .await;
+    let reply = node.call("pysumfib", "1..30").await;
+    assert_eq!(
+        (reply.error.as_deref(), String::from_utf8_lossy(&reply.body)),
+        (None, "2178308".into())
+    );
+    let refused = node.call("pysumfib", "3..1").await;
+    assert_eq!(refused.error.as_deref(), Some("bad_request"));
+    node.stop().await.unwrap();
+}

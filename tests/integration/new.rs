@@ -111,3 +111,63 @@ async fn a_new_project_of_each_language_builds_into_a_served_module() {
         text(&again.stderr)
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_new_fleet_project_builds_into_a_module_that_calls_fib() {
+    let node = TestNode::start(&["fib"]).await;
+    let projects = tempfile::tempdir().unwrap();
+    let dir = projects.path().join("fibs");
+    let modules = node.modules_path().to_owned();
+    let (made, built) = tokio::task::spawn_blocking({
+        let dir = dir.clone();
+        move || {
+            let made = Command::new(env!("CARGO_BIN_EXE_wasmrpc"))
+                .args(["new", "fibs", "--lang", "rust", "--fleet", "--dir"])
+                .arg(&dir)
+                .arg("--modules")
+                .arg(&modules)
+                .env_remove("WASMRPC_MODULES")
+                .output()
+                .unwrap();
+            let built = Command::new(dir.join("build"))
+                .env(
+                    "CARGO_TARGET_DIR",
+                    guests::repo().join("guests/target/new-projects"),
+                )
+                .env_remove("WASMRPC_MODULES")
+                .env_remove("RUSTFLAGS")
+                .env_remove("CARGO_BUILD_TARGET")
+                .output()
+                .unwrap();
+            (made, built)
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(made.status.code(), Some(0), "{}", text(&made.stderr));
+    assert!(
+        built.status.success(),
+        "fibs/build failed:\n{}{}",
+        text(&built.stdout),
+        text(&built.stderr)
+    );
+    // The build put the manifest beside the module: it loads, and may call fib.
+    node.until_registry(Duration::from_secs(60), |registry| {
+        registry.get(&"fibs".parse().unwrap()).is_some()
+    })
+    .await;
+    let reply = node.call("fibs", "10 20").await;
+    assert_eq!(
+        (reply.error.as_deref(), text(&reply.body).as_str()),
+        (None, "55 6765")
+    );
+
+    // Only Rust projects call the fleet.
+    let refused = Command::new(env!("CARGO_BIN_EXE_wasmrpc"))
+        .args(["new", "other", "--lang", "c", "--fleet", "--dir"])
+        .arg(projects.path().join("other"))
+        .output()
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(text(&refused.stderr).contains("--fleet makes Rust projects only"));
+}

@@ -17,6 +17,10 @@ use crate::names::ModuleName;
 /// Node.js (the first build installs componentize-js), C clang and
 /// wasi-libc.
 ///
+/// With `--fleet` (Rust), the module calls other modules instead: for each
+/// word of the body it calls `fib`, and its manifest (`NAME.toml`, which the
+/// build puts beside it) lets it call `fib` and nothing else.
+///
 /// Example: `wasmrpc new greet --lang python && ./greet/build && wasmrpc call greet world`
 #[derive(Debug, Args)]
 pub(super) struct NewArgs {
@@ -34,6 +38,11 @@ pub(super) struct NewArgs {
     /// The modules directory its build writes to.
     #[arg(long, env = "WASMRPC_MODULES", default_value = "modules")]
     modules: PathBuf,
+
+    /// A module that calls other modules (the `fleet-module` world), with
+    /// a manifest that says which. Rust only.
+    #[arg(long)]
+    fleet: bool,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -49,32 +58,39 @@ const WIT: &str = include_str!("../../../wit/wasmrpc.wit");
 
 impl Lang {
     /// Each file of the project: its path and its template.
-    fn files(self) -> &'static [(&'static str, &'static str)] {
+    fn files(self, fleet: bool) -> Result<&'static [(&'static str, &'static str)], String> {
         macro_rules! template {
             ($path:literal) => {
                 include_str!(concat!("../../templates/", $path))
             };
         }
-        match self {
-            Lang::Rust => &[
+        Ok(match (self, fleet) {
+            (Lang::Rust, true) => &[
+                ("Cargo.toml", template!("rust/Cargo.toml")),
+                ("src/lib.rs", template!("rust-fleet/src/lib.rs")),
+                ("build", template!("rust-fleet/build")),
+                ("{{name}}.toml", template!("rust-fleet/manifest.toml")),
+            ],
+            (_, true) => return Err("--fleet makes Rust projects only (--lang rust)".into()),
+            (Lang::Rust, false) => &[
                 ("Cargo.toml", template!("rust/Cargo.toml")),
                 ("src/lib.rs", template!("rust/src/lib.rs")),
                 ("build", template!("rust/build")),
             ],
-            Lang::Python => &[
+            (Lang::Python, false) => &[
                 ("app.py", template!("python/app.py")),
                 ("build", template!("python/build")),
             ],
-            Lang::Js => &[
+            (Lang::Js, false) => &[
                 ("app.js", template!("js/app.js")),
                 ("package.json", template!("js/package.json")),
                 ("build", template!("js/build")),
             ],
-            Lang::C => &[
+            (Lang::C, false) => &[
                 ("main.c", template!("c/main.c")),
                 ("build", template!("c/build")),
             ],
-        }
+        })
     }
 }
 
@@ -84,6 +100,7 @@ pub(super) fn run(args: NewArgs) -> Result<(), Failure> {
         .name
         .parse()
         .map_err(|invalid| usage(format!("{invalid}")))?;
+    let templates = args.lang.files(args.fleet).map_err(usage)?;
     let dir = args.dir.unwrap_or_else(|| PathBuf::from(name.as_str()));
     if dir.exists()
         && dir
@@ -108,12 +125,10 @@ pub(super) fn run(args: NewArgs) -> Result<(), Failure> {
             .replace("{{crate}}", &name.as_str().replace('-', "_"))
             .replace("{{modules}}", &modules.display().to_string())
     };
-    let files = args
-        .lang
-        .files()
+    let files = templates
         .iter()
-        .map(|(path, template)| (*path, fill(template)));
-    for (path, contents) in files.chain([("wit/wasmrpc.wit", WIT.to_owned())]) {
+        .map(|(path, template)| (fill(path), fill(template)));
+    for (path, contents) in files.chain([("wit/wasmrpc.wit".to_owned(), WIT.to_owned())]) {
         write(&dir.join(path), &contents).map_err(Failure::Failed)?;
     }
     println!(

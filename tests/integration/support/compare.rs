@@ -33,6 +33,11 @@ pub struct Settings {
     pub modules: usize,
     /// Calls in the burst shared by a fast node and a slow one.
     pub burst: u64,
+    /// Fan-out jobs (16 parts each) per measurement, and each part's ms.
+    pub fan_out_jobs: u32,
+    pub part_ms: u32,
+    /// Calls for the cost of a call made by a module.
+    pub child_calls: u32,
 }
 
 impl Settings {
@@ -43,6 +48,9 @@ impl Settings {
         sandbox_calls: 50,
         modules: 10,
         burst: 40,
+        fan_out_jobs: 1,
+        part_ms: 20,
+        child_calls: 20,
     };
 }
 
@@ -269,6 +277,7 @@ pub async fn run(settings: Settings) -> Comparison {
         native: None,
         target: None,
     });
+    rows.extend(fan_out(settings).await);
     Comparison { rows, reports }
 }
 
@@ -507,6 +516,78 @@ async fn burst(calls: u64) -> (f64, Duration, Report) {
         .sum();
     drop((slow, fast));
     (slow_calls as f64 * 100.0 / calls as f64, took, report)
+}
+
+/// Modules calling modules: a job split into 16 CPU-bound parts (`split`, a
+/// relay, calls `spin` 16 times at once) on one node and then two
+/// (`--concurrency 1` each), and what a call made by a module costs against
+/// one made from outside: `a` calling `fib` (two round trips, one of them
+/// from inside a module) against two calls of `fib` in a row from outside.
+async fn fan_out(settings: Settings) -> Vec<Row> {
+    let exchange = unique("bench-fan-out");
+    let _cleanup = Cleanup::new(&exchange, &["split", "spin", "fib"]);
+    let relay = std::fs::read(guests::wasm("relay")).unwrap();
+    let spawn = measured(Spawn::new(&exchange, &["spin", "fib"]))
+        .env("WASMRPC_CONCURRENCY", "1")
+        .binary("split.wasm", relay)
+        .file("split.toml", "calls = [\"*\"]\n");
+    let first = spawn.clone().start().await;
+    let client = wasmrpc::client::Client::connect(&super::brokers(), &exchange)
+        .await
+        .unwrap();
+    let job = format!("*16,spin;{}", settings.part_ms);
+    // Warm up: the first call opens the node's connection for calls.
+    ms_per_round(&client, 1, &[("split", "fib;10")]).await;
+    let rounds = settings.child_calls;
+    let through_module = ms_per_round(&client, rounds, &[("split", "fib;10")]).await;
+    let from_outside = ms_per_round(&client, rounds, &[("fib", "10"), ("fib", "10")]).await;
+    let jobs = settings.fan_out_jobs;
+    let one_node = ms_per_round(&client, jobs, &[("split", &job)]).await;
+    let second = spawn.start().await;
+    let two_nodes = ms_per_round(&client, jobs, &[("split", &job)]).await;
+    drop((first, second));
+    vec![
+        Row {
+            what: format!(
+                "fan-out 16 x {} ms, ms a job: 2 nodes (vs 1)",
+                settings.part_ms
+            ),
+            node: two_nodes,
+            native: Some(one_node),
+            // 1.7 times as fast.
+            target: Some(Target::RatioAtMost(0.59)),
+        },
+        Row {
+            what: "ms: call through a module (vs 2 from outside)".into(),
+            node: through_module,
+            native: Some(from_outside),
+            target: Some(Target::RatioAtMost(1.2)),
+        },
+    ]
+}
+
+/// Makes `calls` one after the other, `rounds` times: ms per round.
+async fn ms_per_round(
+    client: &wasmrpc::client::Client,
+    rounds: u32,
+    calls: &[(&str, &str)],
+) -> f64 {
+    let started = Instant::now();
+    for _ in 0..rounds {
+        for (module, input) in calls {
+            let reply = client
+                .call(module, input.as_bytes(), Duration::from_secs(60))
+                .await
+                .expect("no reply");
+            assert_eq!(
+                reply.error,
+                None,
+                "{}",
+                String::from_utf8_lossy(&reply.body)
+            );
+        }
+    }
+    started.elapsed().as_secs_f64() * 1000.0 / f64::from(rounds)
 }
 
 fn mib(bytes: u64) -> f64 {

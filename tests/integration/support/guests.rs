@@ -99,7 +99,7 @@ pub fn preview1(name: &str) -> PathBuf {
 /// build's message (which toolchain is missing) if it cannot be.
 pub fn lang(name: &str) -> PathBuf {
     let language = match name {
-        "pyfib" => "python",
+        "pyfib" | "pysumfib" => "python",
         "jsstats" => "js",
         "cfib" => "c",
         other => panic!("no guest named {other:?} in another language"),
