@@ -6,6 +6,10 @@
 //! component with no imports at all. The import-free fib(0) is the baseline:
 //! every other row is reported as a ratio to it, measured in the same run.
 //!
+//! Last, what time limits cost a guest that computes: the naive recursive
+//! `fibrec(25)` with epoch interruption on (as every node runs it) against
+//! the same module compiled by a runtime without it.
+//!
 //! `cargo bench --bench sandbox` (`SANDBOX_BENCH_CALLS` sets calls per batch).
 
 use std::time::Instant;
@@ -45,6 +49,18 @@ fn main() -> anyhow::Result<()> {
     let tokio = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
+    let fibrec = std::fs::read(
+        guests::build_for("wasm32-wasip2")
+            .map_err(anyhow::Error::msg)?
+            .join("fibrec.wasm"),
+    )?;
+    let unlimited = Runtime::new(&RuntimeConfig {
+        time_limits: false,
+        ..RuntimeConfig::new(1, None)
+    })?;
+    let limited_fibrec = runtime.compile(&Wasm::new(fibrec.clone()), &Limits::DEFAULT)?;
+    let unlimited_fibrec = unlimited.compile(&Wasm::new(fibrec), &Limits::DEFAULT)?;
+    let fibrec_calls = (calls / 100).max(5);
     let rows: [(&str, &Module, &[u8]); 5] = [
         ("no imports, fib(0)", &no_imports, b"0"),
         ("wasip2,     fib(0)", &wasip2, b"0"),
@@ -80,5 +96,28 @@ fn main() -> anyhow::Result<()> {
             micros / medians[0]
         );
     }
+
+    // Interleaved as above: with time limits, then without, each round.
+    let pair = [&limited_fibrec, &unlimited_fibrec];
+    let mut batches = [Vec::new(), Vec::new()];
+    for _ in 0..BATCHES {
+        for (module, batches) in pair.iter().zip(&mut batches) {
+            let started = Instant::now();
+            for _ in 0..fibrec_calls {
+                tokio.block_on(module.call(b"25", None))?;
+            }
+            batches.push(started.elapsed().as_secs_f64() * 1e6 / fibrec_calls as f64);
+        }
+    }
+    let [limited, unlimited] = batches.map(|mut batches| {
+        batches.sort_by(f64::total_cmp);
+        batches[BATCHES / 2]
+    });
+    println!("{fibrec_calls} calls of naive recursive fibrec(25) per batch");
+    println!(
+        "with time limits       {limited:>8.1} µs/call  {:>5.2}x without",
+        limited / unlimited
+    );
+    println!("without time limits    {unlimited:>8.1} µs/call");
     Ok(())
 }

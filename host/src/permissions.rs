@@ -8,8 +8,11 @@
 //!
 //! - A **node** declares the fleet's topology, consumes the module, unrouted
 //!   and control queues, publishes replies (through the default exchange,
-//!   to whatever `reply_to` names), and publishes again a request that came
-//!   before its module's queue was bound (to the requests exchange).
+//!   to whatever `reply_to` names), publishes again a request that came
+//!   before its module's queue was bound, and publishes the calls its
+//!   modules make to other modules (both to the requests exchange, any
+//!   routing key: a module's manifest says what it may call), with their
+//!   replies by direct reply-to.
 //! - A **caller** publishes requests for the modules it is given, and may
 //!   keep an exclusive reply queue of its own (the tutorial's) or use direct
 //!   reply-to. It can consume no module queue, and publish nothing to the

@@ -141,3 +141,48 @@ async fn json_fields_have_one_type_each() {
         "{failed}"
     );
 }
+
+/// A module's calls to other modules continue its trace: the lines of the
+/// parent and of the child it called carry the caller's trace id.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_parent_and_the_child_it_calls_log_one_trace_id() {
+    let exchange = unique("json-calls");
+    let _cleanup = Cleanup::new(&exchange, &["a", "panic"]);
+    let relay = std::fs::read(crate::support::guests::wasm("relay")).unwrap();
+    let node = Spawn::new(&exchange, &["panic"])
+        .binary("a.wasm", relay)
+        .file("a.toml", "calls = [\"panic\"]\n")
+        .env("WASMRPC_LOG_FORMAT", "json")
+        .start()
+        .await;
+    let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let call = run(wasmrpc(
+        &exchange,
+        &["call", "a", "panic;x", "--traceparent", parent],
+    ))
+    .await;
+    assert_eq!(call.status.code(), Some(1), "{}", text(&call.stderr));
+    let lines = tokio::task::spawn_blocking(move || node.lines_until("\"failed\"", 2))
+        .await
+        .unwrap();
+    let failed: Vec<Value> = lines
+        .iter()
+        .map(|line| serde_json::from_str::<Value>(line).unwrap())
+        .filter(|json| json["message"] == "failed")
+        .collect();
+    let modules: Vec<&str> = failed
+        .iter()
+        .map(|json| json["module"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        modules,
+        ["panic", "a"],
+        "the child fails first: {failed:#?}"
+    );
+    for json in &failed {
+        assert_eq!(
+            json["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736",
+            "{json}"
+        );
+    }
+}

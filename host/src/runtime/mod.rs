@@ -89,6 +89,12 @@ pub struct RuntimeConfig {
     pub cache_dir: Option<PathBuf>,
     /// The most bytes of compiled code the cache keeps.
     pub cache_size: u64,
+    /// Whether guests are stopped at their time limit while they compute
+    /// (epoch interruption). Always on in a node and in `wasmrpc run`; off
+    /// only to measure what the checks cost a guest (`cargo bench --bench
+    /// sandbox`): a guest that loops then runs until its host call's
+    /// deadline is never reached.
+    pub time_limits: bool,
 }
 
 impl RuntimeConfig {
@@ -101,6 +107,7 @@ impl RuntimeConfig {
             max_running,
             cache_dir,
             cache_size: DEFAULT_CACHE_SIZE,
+            time_limits: true,
         }
     }
 }
@@ -117,6 +124,7 @@ pub const INSTANCES_PER_RUNNING: u32 = 4;
 #[derive(Clone)]
 pub struct Runtime {
     slots: u32,
+    time_limits: bool,
     /// One permit per guest that may execute wasm at once.
     running: Arc<Semaphore>,
     engines: Arc<Mutex<BTreeMap<usize, Flavor>>>,
@@ -144,6 +152,7 @@ impl Runtime {
         });
         let runtime = Runtime {
             slots: config.max_instances.max(1),
+            time_limits: config.time_limits,
             running: Arc::new(Semaphore::new(config.max_running.max(1) as usize)),
             engines: Arc::default(),
             cache,
@@ -254,8 +263,10 @@ impl Runtime {
         if let Some(flavor) = engines.get(&stack) {
             return Ok(flavor.clone());
         }
-        let engine = new_engine(self.slots, stack)?;
-        spawn_epoch_ticker(engine.weak());
+        let engine = new_engine(self.slots, stack, self.time_limits)?;
+        if self.time_limits {
+            spawn_epoch_ticker(engine.weak());
+        }
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)
             .context("failed to link the WASI sandbox")?;
@@ -276,7 +287,7 @@ impl Runtime {
     }
 }
 
-fn new_engine(slots: u32, stack: usize) -> anyhow::Result<Engine> {
+fn new_engine(slots: u32, stack: usize, epochs: bool) -> anyhow::Result<Engine> {
     // Every figure is per slot: a component may hold several core instances,
     // tables and memories (a wasip2 build of Rust has 3 core instances; other
     // toolchains more), but only one component runs per slot. Memory slots
@@ -303,7 +314,7 @@ fn new_engine(slots: u32, stack: usize) -> anyhow::Result<Engine> {
 
     let mut config = Config::new();
     config
-        .epoch_interruption(true)
+        .epoch_interruption(epochs)
         .max_wasm_stack(stack)
         // The async fiber runs host calls too: leave them room above the guest's stack.
         .async_stack_size(stack + (1 << 20))
