@@ -199,6 +199,12 @@ impl Client {
         let correlation_id = uuid::Uuid::new_v4().to_string();
         let (sender, receiver) = oneshot::channel();
         self.wait_for(&correlation_id, Waiter::One(sender))?;
+        // Whatever ends the call (a reply, an error, or the caller dropping
+        // it), nobody waits for this id any more.
+        let _forget = Forget {
+            client: self,
+            correlation_id: &correlation_id,
+        };
         // The broker drops the request if no node takes it in time, and a
         // node that takes it stops the module when the caller stops waiting.
         let properties = request::properties(
@@ -220,10 +226,7 @@ impl Client {
             .await;
         let confirm = match published {
             Ok(confirm) => confirm,
-            Err(error) => {
-                self.forget(&correlation_id);
-                return Err(describe(&error, &self.exchange));
-            }
+            Err(error) => return Err(describe(&error, &self.exchange)),
         };
         // The broker confirms the request once it is safely queued; the
         // reply may come before or after.
@@ -239,13 +242,9 @@ impl Client {
                 Err(ClientError::Broker("the client stopped".into()))
             })
         };
-        let outcome = tokio::time::timeout(timeout, replied)
+        tokio::time::timeout(timeout, replied)
             .await
-            .unwrap_or(Err(ClientError::Timeout(timeout)));
-        if outcome.is_err() {
-            self.forget(&correlation_id);
-        }
-        outcome
+            .unwrap_or(Err(ClientError::Timeout(timeout)))
     }
 
     /// Asks every node on the exchange who it is and what it serves, and
@@ -385,6 +384,18 @@ impl Client {
             .expect("pending lock")
             .waiting
             .remove(correlation_id);
+    }
+}
+
+/// Forgets a call's correlation id when dropped.
+struct Forget<'a> {
+    client: &'a Client,
+    correlation_id: &'a str,
+}
+
+impl Drop for Forget<'_> {
+    fn drop(&mut self) {
+        self.client.forget(self.correlation_id);
     }
 }
 

@@ -10,6 +10,7 @@ use wasmrpc::wire::ErrorKind;
 
 use crate::support::http::metrics_until;
 use crate::support::node::{REPLY_TIMEOUT, Setup, answered};
+use crate::support::process::Spawn;
 use crate::support::{TestNode, guests};
 
 /// F(n), for small n.
@@ -61,6 +62,17 @@ async fn sumfib_sums_fib_over_the_fleet_and_counts_its_calls() {
         metrics.get("wasmrpc_child_calls_total", &labels) == Some(30.0)
     })
     .await;
+    // The fleet says what each module may call.
+    let nodes = node.client().await.fleet(REPLY_TIMEOUT).await.unwrap();
+    let may_call = |name: &str| {
+        let module = nodes[0].modules.iter().find(|module| module.name == name);
+        module.unwrap().may_call.clone()
+    };
+    assert_eq!(
+        (may_call("sumfib"), may_call("a")),
+        (vec!["fib".to_owned()], vec!["*".to_owned()])
+    );
+    assert!(may_call("fib").is_empty());
     node.stop().await.unwrap();
 }
 
@@ -209,4 +221,36 @@ async fn a_fan_out_spreads_over_two_nodes() {
         one.answered,
         two.answered
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_child_whose_node_dies_runs_again_elsewhere_and_its_parent_gets_one_reply() {
+    // The parent's node serves no `nap`: its child goes to a node process.
+    let parent = relays(TestNode::setup(&[]))
+        .manifest("a", "calls = [\"nap\"]\n[limits]\ntime = \"60s\"\n")
+        .start()
+        .await;
+    let exchange = parent.exchange().to_owned();
+    let _cleanup = crate::support::node::Cleanup::new(&exchange, &["nap"]);
+    let mut doomed = Spawn::new(&exchange, &["nap"]).start().await;
+    let client = parent.client().await;
+    let call = tokio::spawn(async move {
+        client
+            .call("a", b"nap;2000", Duration::from_secs(60))
+            .await
+            .expect("no reply")
+    });
+    // The child runs on the doomed node; it dies without answering.
+    let doomed = tokio::task::spawn_blocking(move || {
+        doomed.wait_for_line("running");
+        doomed.child.kill().unwrap();
+        doomed.child.wait().unwrap();
+        doomed
+    })
+    .await
+    .unwrap();
+    let _next = Spawn::new(&exchange, &["nap"]).start().await;
+    let reply = call.await.unwrap();
+    assert_eq!(ok(&reply), "slept for 2000 ms");
+    drop(doomed);
 }

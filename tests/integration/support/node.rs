@@ -109,6 +109,12 @@ impl Setup {
             modules: self
                 .guests
                 .iter()
+                .map(String::as_str)
+                .chain(
+                    self.files
+                        .iter()
+                        .filter_map(|(name, _)| name.strip_suffix(".wasm")),
+                )
                 .filter_map(|name| name.parse().ok())
                 .collect(),
             gone: CancellationToken::new(),
