@@ -235,9 +235,9 @@ impl<A> ChildCalls<A> {
     }
 
     /// Counts an outcome, with a bounded label.
-    fn count(&self, outcome: &Outcome) {
+    fn count(&self, outcome: Result<(), &FleetError>) {
         let label = match outcome {
-            Ok(_) => "ok",
+            Ok(()) => "ok",
             Err(error) => ErrorKind::parse(&error.kind)
                 .map(ErrorKind::as_str)
                 .or_else(|| fleet_kind(&error.kind))
@@ -289,12 +289,16 @@ impl<A: Send> Fleet for ChildCalls<A> {
                 },
             };
             for outcome in &outcomes {
-                self.count(outcome);
+                self.count(outcome.as_ref().map(|_| ()));
                 if let Err(error) = outcome {
                     tracing::debug!(kind = %error.kind, "a call to another module failed: {}", error.message);
                 }
             }
             outcomes
         })
+    }
+
+    fn refused(&self, error: &FleetError) {
+        self.count(Err(error));
     }
 }

@@ -183,6 +183,7 @@ async fn calls_are_denied_unless_the_manifest_names_them() {
         .file("narrow.wasm", relay.clone())
         .manifest("narrow", "calls = [\"fib\"]\n")
         .file("closed.wasm", relay)
+        .with_http()
         .start()
         .await;
     // No manifest: the module is refused when loaded, and says why.
@@ -194,6 +195,12 @@ async fn calls_are_denied_unless_the_manifest_names_them() {
     assert_eq!(ok(&node.call("narrow", "fib;12").await), "144");
     let (_, body) = failed(&node.call("narrow", "narrow,fib;1").await);
     assert!(body.contains("narrow: not_allowed: "), "{body}");
+    // Refused calls are counted too.
+    let refused = [("module", "narrow"), ("outcome", "not_allowed")];
+    metrics_until(node.http.unwrap(), |metrics| {
+        metrics.get("wasmrpc_child_calls_total", &refused) == Some(1.0)
+    })
+    .await;
     node.stop().await.unwrap();
 }
 

@@ -67,6 +67,9 @@ pub trait Fleet: Send + Sync {
         calls: Vec<(String, Vec<u8>)>,
         memory: u64,
     ) -> Pin<Box<dyn Future<Output = Vec<Outcome>> + Send + '_>>;
+
+    /// Told of each call the runtime refused without making it.
+    fn refused(&self, _error: &FleetError) {}
 }
 
 /// The modules a module may call, as its manifest's `calls` names them.
@@ -135,12 +138,15 @@ pub(super) async fn call_all(
     calls: Vec<(String, Vec<u8>)>,
 ) -> Vec<Outcome> {
     let count = calls.len();
-    let all = |error: FleetError| vec![Err(error); count];
     let Some(calling) = calling else {
-        return all(FleetError::new(
-            kind::UNAVAILABLE,
-            "this run has no fleet to call",
-        ));
+        let error = FleetError::new(kind::UNAVAILABLE, "this run has no fleet to call");
+        return vec![Err(error); count];
+    };
+    let all = |error: FleetError| {
+        for _ in 0..count {
+            calling.fleet.refused(&error);
+        }
+        vec![Err(error); count]
     };
     let max = calling.fleet.max_calls();
     if count > max {
@@ -170,10 +176,12 @@ pub(super) async fn call_all(
             allowed.push((module, input));
             places.push(place);
         } else {
-            outcomes[place] = Some(Err(FleetError::new(
+            let error = FleetError::new(
                 kind::NOT_ALLOWED,
                 format!("the module's manifest does not allow calls to {module:?}"),
-            )));
+            );
+            calling.fleet.refused(&error);
+            outcomes[place] = Some(Err(error));
         }
     }
     if !allowed.is_empty() {
@@ -183,15 +191,19 @@ pub(super) async fn call_all(
         let mut room = room;
         for (place, outcome) in places.into_iter().zip(made) {
             let outcome = match outcome {
-                Ok(reply) if reply.len() as u64 > room => Err(FleetError::new(
-                    kind::TOO_LARGE,
-                    format!(
-                        "the reply of {} does not fit in the memory limit of {} ({} free)",
-                        Bytes(reply.len() as u64),
-                        Bytes(limit),
-                        Bytes(room)
-                    ),
-                )),
+                Ok(reply) if reply.len() as u64 > room => {
+                    let error = FleetError::new(
+                        kind::TOO_LARGE,
+                        format!(
+                            "the reply of {} does not fit in the memory limit of {} ({} free)",
+                            Bytes(reply.len() as u64),
+                            Bytes(limit),
+                            Bytes(room)
+                        ),
+                    );
+                    calling.fleet.refused(&error);
+                    Err(error)
+                }
                 Ok(reply) => {
                     room -= reply.len() as u64;
                     Ok(reply)
