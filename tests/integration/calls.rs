@@ -261,3 +261,31 @@ async fn a_child_whose_node_dies_runs_again_elsewhere_and_its_parent_gets_one_re
     assert_eq!(ok(&reply), "slept for 2000 ms");
     drop(doomed);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_parent_past_the_waiting_bound_fails_busy_at_once() {
+    let mut node = relays(TestNode::setup(&["nap"]))
+        .config(|config| config.children.max_waiting = 1)
+        .start()
+        .await;
+    let client = node.client().await;
+    // Two parents call at once; one place for a waiting parent.
+    let (one, two) = tokio::join!(
+        client.call("a", b"nap;1500", REPLY_TIMEOUT),
+        client.call("b", b"nap;1500", REPLY_TIMEOUT),
+    );
+    let mut outcomes: Vec<String> = [one.unwrap(), two.unwrap()]
+        .iter()
+        .map(|reply| match &reply.error {
+            None => ok(reply).to_owned(),
+            Some(_) => failed(reply).1,
+        })
+        .collect();
+    outcomes.sort();
+    assert_eq!(outcomes[1], "slept for 1500 ms", "{outcomes:?}");
+    assert!(
+        outcomes[0].contains(": busy: the node holds as many waiting callers as it may"),
+        "{outcomes:?}"
+    );
+    node.stop().await.unwrap();
+}

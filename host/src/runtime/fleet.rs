@@ -224,7 +224,120 @@ pub(super) async fn call_all(
 
 #[cfg(test)]
 mod tests {
-    use super::Callees;
+    use std::future::Future;
+    use std::pin::Pin;
+    use std::sync::Arc;
+
+    use super::{Callees, Calling, Fleet, Outcome, call_all, kind};
+
+    /// Answers each call with its input repeated `times`, and counts what
+    /// it is told the runtime refused.
+    struct Echo {
+        times: usize,
+        refused: std::sync::Mutex<Vec<String>>,
+    }
+
+    impl Fleet for Echo {
+        fn max_calls(&self) -> usize {
+            3
+        }
+
+        fn call_all(
+            &self,
+            calls: Vec<(String, Vec<u8>)>,
+            _memory: u64,
+        ) -> Pin<Box<dyn Future<Output = Vec<Outcome>> + Send + '_>> {
+            let outcomes = calls
+                .into_iter()
+                .map(|(_, input)| Ok(input.repeat(self.times)))
+                .collect();
+            Box::pin(std::future::ready(outcomes))
+        }
+
+        fn refused(&self, error: &super::FleetError) {
+            self.refused.lock().unwrap().push(error.kind.clone());
+        }
+    }
+
+    fn echoing(times: usize, callees: &[&str]) -> (Arc<Echo>, Calling) {
+        let echo = Arc::new(Echo {
+            times,
+            refused: Default::default(),
+        });
+        let names: Vec<String> = callees.iter().map(|name| name.to_string()).collect();
+        let calling = Calling {
+            fleet: echo.clone(),
+            callees: Callees::from_list(&names).unwrap(),
+        };
+        (echo, calling)
+    }
+
+    fn calls(list: &[(&str, &str)]) -> Vec<(String, Vec<u8>)> {
+        list.iter()
+            .map(|(module, input)| (module.to_string(), input.as_bytes().to_vec()))
+            .collect()
+    }
+
+    fn kinds(outcomes: &[Outcome]) -> Vec<&str> {
+        outcomes
+            .iter()
+            .map(|outcome| {
+                outcome
+                    .as_ref()
+                    .map_or_else(|error| error.kind.as_str(), |_| "ok")
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn calls_outside_the_manifest_fail_in_place_and_the_rest_are_made() {
+        let (echo, calling) = echoing(1, &["fib"]);
+        let made = call_all(
+            Some(calling),
+            (0, 1 << 20),
+            calls(&[("fib", "1"), ("sum", "2"), ("fib", "3")]),
+        )
+        .await;
+        assert_eq!(kinds(&made), ["ok", kind::NOT_ALLOWED, "ok"]);
+        assert_eq!(made[2].as_deref().unwrap(), b"3");
+        assert_eq!(*echo.refused.lock().unwrap(), [kind::NOT_ALLOWED]);
+    }
+
+    #[tokio::test]
+    async fn more_calls_than_allowed_fail_every_one() {
+        let (echo, calling) = echoing(1, &["*"]);
+        let four = calls(&[("a", "1"), ("b", "2"), ("c", "3"), ("d", "4")]);
+        let made = call_all(Some(calling), (0, 1 << 20), four).await;
+        assert_eq!(kinds(&made), [kind::TOO_MANY; 4]);
+        assert_eq!(echo.refused.lock().unwrap().len(), 4);
+    }
+
+    #[tokio::test]
+    async fn inputs_and_replies_must_fit_beside_the_memory_in_use() {
+        // 1000 bytes free: 600 of inputs fit, 1200 do not.
+        let (_, calling) = echoing(1, &["*"]);
+        let big = "x".repeat(600);
+        let memory = (9000, 10_000);
+        let fits = call_all(Some(calling.clone()), memory, calls(&[("a", &big)])).await;
+        assert_eq!(kinds(&fits), ["ok"]);
+        let two = calls(&[("a", &big), ("b", &big)]);
+        assert_eq!(
+            kinds(&call_all(Some(calling), memory, two).await),
+            [kind::TOO_LARGE; 2]
+        );
+        // Replies fill the room in order: 2 x 400 fit, the third does not.
+        let (_, calling) = echoing(2, &["*"]);
+        let each = "y".repeat(200);
+        let three = calls(&[("a", &each), ("b", &each), ("c", &each)]);
+        let made = call_all(Some(calling), memory, three).await;
+        assert_eq!(kinds(&made), ["ok", "ok", kind::TOO_LARGE]);
+    }
+
+    #[tokio::test]
+    async fn without_a_fleet_every_call_is_unavailable() {
+        let made = call_all(None, (0, 1 << 20), calls(&[("a", "1")])).await;
+        assert_eq!(kinds(&made), [kind::UNAVAILABLE]);
+    }
 
     #[test]
     fn callees_are_named_or_any_and_none_by_default() {
