@@ -51,13 +51,18 @@ pub struct ChildLimits {
     pub waiting_memory: u64,
 }
 
-impl Default for ChildLimits {
-    fn default() -> Self {
+impl ChildLimits {
+    /// Waiting parents per guest that computes, by default.
+    pub const WAITING_PER_RUNNING: usize = 16;
+
+    /// The defaults for a node whose `concurrency` guests compute at once.
+    pub const fn for_concurrency(concurrency: u32) -> ChildLimits {
+        let running = if concurrency == 0 { 1 } else { concurrency };
         ChildLimits {
             max_depth: 4,
             max_calls: 64,
             max_in_flight: 1024,
-            max_waiting: 64,
+            max_waiting: Self::WAITING_PER_RUNNING * running as usize,
             waiting_memory: 2 << 30,
         }
     }

@@ -67,8 +67,9 @@ pub(super) async fn run(args: RunArgs) -> Result<(), Failure> {
     let name: ModuleName = stem
         .parse()
         .map_err(|invalid| Failure::Usage(anyhow::anyhow!("{}: {invalid}", args.file.display())))?;
-    let bounds = args.calls.limits();
-    let mut config = RuntimeConfig::new(crate::node::default_concurrency(), None);
+    let concurrency = crate::node::default_concurrency();
+    let bounds = args.calls.limits(concurrency);
+    let mut config = RuntimeConfig::new(concurrency, None);
     // Every request of a chain of calls is alive at once, here.
     config.max_instances = config
         .max_instances

@@ -142,23 +142,24 @@ pub(super) struct ChildArgs {
     /// How deep a chain of calls between modules may go: a module called by
     /// an outside caller is at depth 0, the modules it calls at 1. A call
     /// past it fails `too_deep`, so a module that calls itself ends.
-    #[arg(long, env = "WASMRPC_MAX_CALL_DEPTH", default_value_t = ChildLimits::default().max_depth, help_heading = "Calls between modules")]
+    #[arg(long, env = "WASMRPC_MAX_CALL_DEPTH", default_value_t = DEFAULTS.max_depth, help_heading = "Calls between modules")]
     max_call_depth: u32,
 
     /// The most calls one `call-all` may make; more fail `too_many`.
-    #[arg(long, env = "WASMRPC_MAX_FAN_OUT", default_value_t = ChildLimits::default().max_calls, value_parser = clap::value_parser!(u32).range(1..=65536).map(|n| n as usize), help_heading = "Calls between modules")]
+    #[arg(long, env = "WASMRPC_MAX_FAN_OUT", default_value_t = DEFAULTS.max_calls, value_parser = clap::value_parser!(u32).range(1..=65536).map(|n| n as usize), help_heading = "Calls between modules")]
     max_fan_out: usize,
 
     /// The most calls between modules in flight from this node at once;
     /// more fail `busy`.
-    #[arg(long, env = "WASMRPC_MAX_CALLS_IN_FLIGHT", default_value_t = ChildLimits::default().max_in_flight, value_parser = clap::value_parser!(u32).range(1..).map(|n| n as usize), help_heading = "Calls between modules")]
+    #[arg(long, env = "WASMRPC_MAX_CALLS_IN_FLIGHT", default_value_t = DEFAULTS.max_in_flight, value_parser = clap::value_parser!(u32).range(1..).map(|n| n as usize), help_heading = "Calls between modules")]
     max_calls_in_flight: usize,
 
-    /// The most requests that may wait for their calls at once. Each keeps
-    /// its instance (beside the 4 × concurrency of requests in progress)
-    /// but no core; past it a call fails `busy`.
-    #[arg(long, env = "WASMRPC_MAX_WAITING_CALLERS", default_value_t = ChildLimits::default().max_waiting, value_parser = clap::value_parser!(u32).range(1..=4096).map(|n| n as usize), help_heading = "Calls between modules")]
-    max_waiting_callers: usize,
+    /// The most requests that may wait for their calls at once [default:
+    /// 16 × the concurrency]. Each keeps its instance (beside the 4 ×
+    /// concurrency of requests in progress) but no core; past it a call
+    /// fails `busy`.
+    #[arg(long, env = "WASMRPC_MAX_WAITING_CALLERS", value_parser = clap::value_parser!(u32).range(1..=4096).map(|n| n as usize), help_heading = "Calls between modules")]
+    max_waiting_callers: Option<usize>,
 
     /// The most memory the waiting requests may hold in all (their
     /// instances' memory and their calls' inputs); past it a call fails `busy`.
@@ -167,16 +168,22 @@ pub(super) struct ChildArgs {
 }
 
 impl ChildArgs {
-    pub(super) fn limits(&self) -> ChildLimits {
+    /// The bounds, for a node whose `concurrency` guests compute at once.
+    pub(super) fn limits(&self, concurrency: u32) -> ChildLimits {
         ChildLimits {
             max_depth: self.max_call_depth,
             max_calls: self.max_fan_out,
             max_in_flight: self.max_calls_in_flight,
-            max_waiting: self.max_waiting_callers,
+            max_waiting: self
+                .max_waiting_callers
+                .unwrap_or(ChildLimits::for_concurrency(concurrency).max_waiting),
             waiting_memory: self.waiting_memory,
         }
     }
 }
+
+/// The defaults of the flags that do not depend on the concurrency.
+const DEFAULTS: ChildLimits = ChildLimits::for_concurrency(1);
 
 /// Where compiled modules are kept between runs.
 #[derive(Debug, Args)]
@@ -286,7 +293,7 @@ fn config(args: ServeArgs, global: &Global) -> Result<NodeConfig, Failure> {
     }
     config.limits = args.limits.limits()?;
     config.delivery_limit = args.delivery_limit;
-    config.children = args.calls.limits();
+    config.children = args.calls.limits(config.concurrency);
     // RabbitMQ takes 512 MiB at most; an error reply must always fit.
     if !(4 << 10..=512 << 20).contains(&args.max_message_size) {
         return Err(Failure::Usage(anyhow::anyhow!(

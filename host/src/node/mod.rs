@@ -108,7 +108,7 @@ impl NodeConfig {
             max_message: Self::DEFAULT_MAX_MESSAGE,
             accept_deploys: None,
             deploy_limit: Self::DEFAULT_DEPLOY_LIMIT,
-            children: ChildLimits::default(),
+            children: ChildLimits::for_concurrency(concurrency),
         }
     }
 }
