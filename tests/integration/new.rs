@@ -7,6 +7,52 @@ use std::time::{Duration, Instant};
 use crate::cli::text;
 use crate::support::{TestNode, guests};
 
+/// `wasmrpc new NAME FLAGS --dir DIR --modules MODULES`, then the project's
+/// `build`: what each printed. A JavaScript project borrows the guests'
+/// componentize-js rather than fetch it.
+async fn make_and_build(
+    name: &str,
+    flags: &[&str],
+    dir: &std::path::Path,
+    modules: &std::path::Path,
+) -> (std::process::Output, std::process::Output) {
+    let (name, dir, modules) = (name.to_owned(), dir.to_owned(), modules.to_owned());
+    let flags: Vec<String> = flags.iter().map(|flag| flag.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
+        let made = Command::new(env!("CARGO_BIN_EXE_wasmrpc"))
+            .args(["new", &name])
+            .args(&flags)
+            .arg("--dir")
+            .arg(&dir)
+            .arg("--modules")
+            .arg(&modules)
+            .env_remove("WASMRPC_MODULES")
+            .output()
+            .unwrap();
+        if flags.iter().any(|flag| flag == "js") {
+            std::os::unix::fs::symlink(
+                guests::repo().join("guests/js/node_modules"),
+                dir.join("node_modules"),
+            )
+            .unwrap();
+        }
+        // Guest builds share a target directory across runs.
+        let built = Command::new(dir.join("build"))
+            .env(
+                "CARGO_TARGET_DIR",
+                guests::repo().join("guests/target/new-projects"),
+            )
+            .env_remove("WASMRPC_MODULES")
+            .env_remove("RUSTFLAGS")
+            .env_remove("CARGO_BUILD_TARGET")
+            .output()
+            .unwrap();
+        (made, built)
+    })
+    .await
+    .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_new_project_of_each_language_builds_into_a_served_module() {
     let cache = guests::repo().join("guests/target/test-cache");
@@ -22,40 +68,7 @@ async fn a_new_project_of_each_language_builds_into_a_served_module() {
         let name = format!("hello-{lang}");
         let dir = projects.path().join(&name);
         let modules = node.modules_path().to_owned();
-        let (made, built) = tokio::task::spawn_blocking({
-            let (name, dir) = (name.clone(), dir.clone());
-            move || {
-                let made = Command::new(env!("CARGO_BIN_EXE_wasmrpc"))
-                    .args(["new", &name, "--lang", lang, "--dir"])
-                    .arg(&dir)
-                    .arg("--modules")
-                    .arg(&modules)
-                    .env_remove("WASMRPC_MODULES")
-                    .output()
-                    .unwrap();
-                if lang == "js" {
-                    std::os::unix::fs::symlink(
-                        guests::repo().join("guests/js/node_modules"),
-                        dir.join("node_modules"),
-                    )
-                    .unwrap();
-                }
-                // Guest builds share a target directory across runs.
-                let built = Command::new(dir.join("build"))
-                    .env(
-                        "CARGO_TARGET_DIR",
-                        guests::repo().join("guests/target/new-projects"),
-                    )
-                    .env_remove("WASMRPC_MODULES")
-                    .env_remove("RUSTFLAGS")
-                    .env_remove("CARGO_BUILD_TARGET")
-                    .output()
-                    .unwrap();
-                (made, built)
-            }
-        })
-        .await
-        .unwrap();
+        let (made, built) = make_and_build(&name, &["--lang", lang], &dir, &modules).await;
         assert_eq!(
             made.status.code(),
             Some(0),
@@ -118,32 +131,8 @@ async fn a_new_fleet_project_builds_into_a_module_that_calls_fib() {
     let projects = tempfile::tempdir().unwrap();
     let dir = projects.path().join("fibs");
     let modules = node.modules_path().to_owned();
-    let (made, built) = tokio::task::spawn_blocking({
-        let dir = dir.clone();
-        move || {
-            let made = Command::new(env!("CARGO_BIN_EXE_wasmrpc"))
-                .args(["new", "fibs", "--lang", "rust", "--fleet", "--dir"])
-                .arg(&dir)
-                .arg("--modules")
-                .arg(&modules)
-                .env_remove("WASMRPC_MODULES")
-                .output()
-                .unwrap();
-            let built = Command::new(dir.join("build"))
-                .env(
-                    "CARGO_TARGET_DIR",
-                    guests::repo().join("guests/target/new-projects"),
-                )
-                .env_remove("WASMRPC_MODULES")
-                .env_remove("RUSTFLAGS")
-                .env_remove("CARGO_BUILD_TARGET")
-                .output()
-                .unwrap();
-            (made, built)
-        }
-    })
-    .await
-    .unwrap();
+    let (made, built) =
+        make_and_build("fibs", &["--lang", "rust", "--fleet"], &dir, &modules).await;
     assert_eq!(made.status.code(), Some(0), "{}", text(&made.stderr));
     assert!(
         built.status.success(),
