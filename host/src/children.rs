@@ -66,6 +66,21 @@ impl ChildLimits {
             waiting_memory: 2 << 30,
         }
     }
+
+    /// The depth of a call made at `depth` to `module`, or `too_deep`.
+    pub fn depth_of_call(&self, depth: u32, module: &str) -> Result<u32, FleetError> {
+        let depth = depth.saturating_add(1);
+        if depth > self.max_depth {
+            return Err(FleetError::new(
+                kind::TOO_DEEP,
+                format!(
+                    "a call to {module:?} would be {depth} deep, past the limit of {}",
+                    self.max_depth
+                ),
+            ));
+        }
+        Ok(depth)
+    }
 }
 
 /// The node's side of every child call: the connection and the bounds.
@@ -140,8 +155,6 @@ pub(crate) enum Place<A> {
         _count: OwnedSemaphorePermit,
         _memory: OwnedSemaphorePermit,
     },
-    /// Given back (the request is over).
-    Gone,
 }
 
 /// One request's calls to other modules.
@@ -156,7 +169,7 @@ pub(crate) struct ChildCalls<A> {
     pub trace: Option<TraceParent>,
     /// The parent's depth in the chain of calls.
     pub depth: u32,
-    pub place: Arc<Mutex<Place<A>>>,
+    pub place: Mutex<Place<A>>,
 }
 
 impl<A> ChildCalls<A> {
@@ -193,16 +206,7 @@ impl<A> ChildCalls<A> {
     }
 
     async fn call_one(&self, client: &Client, module: String, input: Vec<u8>) -> Outcome {
-        let depth = self.depth.saturating_add(1);
-        if depth > self.children.limits.max_depth {
-            return Err(FleetError::new(
-                kind::TOO_DEEP,
-                format!(
-                    "a call to {module:?} would be {depth} deep, past the node's limit of {}",
-                    self.children.limits.max_depth
-                ),
-            ));
-        }
+        let depth = self.children.limits.depth_of_call(self.depth, &module)?;
         let Ok(_in_flight) = self.children.in_flight.clone().try_acquire_owned() else {
             return Err(FleetError::new(
                 kind::BUSY,
@@ -245,26 +249,11 @@ impl<A> ChildCalls<A> {
             Ok(()) => "ok",
             Err(error) => ErrorKind::parse(&error.kind)
                 .map(ErrorKind::as_str)
-                .or_else(|| fleet_kind(&error.kind))
+                .or_else(|| kind::ALL.into_iter().find(|known| *known == error.kind))
                 .unwrap_or("other"),
         };
         self.children.metrics.child_call(&self.module, label);
     }
-}
-
-/// The node's own kinds, as static labels.
-fn fleet_kind(name: &str) -> Option<&'static str> {
-    [
-        kind::NOT_ALLOWED,
-        kind::TOO_DEEP,
-        kind::TOO_MANY,
-        kind::TOO_LARGE,
-        kind::BUSY,
-        kind::UNAVAILABLE,
-        kind::TIMEOUT,
-    ]
-    .into_iter()
-    .find(|known| *known == name)
 }
 
 impl<A: Send> Fleet for ChildCalls<A> {

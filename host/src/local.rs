@@ -16,7 +16,7 @@ use futures_util::future::join_all;
 use crate::children::ChildLimits;
 use crate::names::ModuleName;
 use crate::registry::{self, LoadedModule};
-use crate::runtime::{Calling, Fleet, FleetError, Limits, Outcome, Runtime, fleet_kind as kind};
+use crate::runtime::{Calling, Fleet, FleetError, Limits, Outcome, Runtime};
 use crate::wire::ErrorKind;
 
 /// The modules of one directory, as calls find them.
@@ -98,14 +98,7 @@ struct LocalCalls {
 
 impl LocalCalls {
     async fn call_one(self, name: String, input: Vec<u8>) -> Outcome {
-        let depth = self.depth.saturating_add(1);
-        let max_depth = self.fleet.bounds.max_depth;
-        if depth > max_depth {
-            return Err(FleetError::new(
-                kind::TOO_DEEP,
-                format!("a call to {name:?} would be {depth} deep, past the limit of {max_depth}"),
-            ));
-        }
+        let depth = self.fleet.bounds.depth_of_call(self.depth, &name)?;
         let module = self.fleet.module(&name).await?;
         let own = Instant::now() + module.module.limits().time;
         let calling = self.fleet.calling(&module, self.deadline.min(own), depth);

@@ -434,7 +434,6 @@ async fn run(
             result
         }
         true => {
-            let place = Arc::new(Mutex::new(Place::Admitted(admitted)));
             let own = started + module.module.limits().time;
             let calls = ChildCalls {
                 children: context.node.children.clone(),
@@ -442,18 +441,18 @@ async fn run(
                 deadline: deadline.map_or(own, |deadline| deadline.min(own)),
                 trace: request.trace.as_ref().map(|trace| trace.parent),
                 depth: request.depth,
-                place: place.clone(),
+                place: Mutex::new(Place::Admitted(admitted)),
             };
             let calling = Calling {
                 fleet: Arc::new(calls),
                 callees: module.calls.clone(),
             };
-            let result = module
+            // The request's place goes with the guest's store, which holds
+            // its calls: when the call returns.
+            module
                 .module
                 .call_with(input, deadline, Some(calling))
-                .await;
-            *place.lock().expect("place lock") = Place::Gone;
-            result
+                .await
         }
     };
     context.node.metrics.ran(&module.name, started.elapsed());

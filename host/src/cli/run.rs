@@ -69,11 +69,8 @@ pub(super) async fn run(args: RunArgs) -> Result<(), Failure> {
         .map_err(|invalid| Failure::Usage(anyhow::anyhow!("{}: {invalid}", args.file.display())))?;
     let concurrency = crate::node::default_concurrency();
     let bounds = args.calls.limits(concurrency);
-    let mut config = RuntimeConfig::new(concurrency, None);
     // Every request of a chain of calls is alive at once, here.
-    config.max_instances = config
-        .max_instances
-        .saturating_add(u32::try_from(bounds.max_waiting).unwrap_or(u32::MAX));
+    let mut config = RuntimeConfig::new(concurrency, None).keeping_waiting(bounds.max_waiting);
     if let Some((dir, size)) = args.cache.cache() {
         config.cache_dir = Some(dir);
         config.cache_size = size;

@@ -171,11 +171,10 @@ impl Node {
         }
         let mut runtime_config = RuntimeConfig::new(config.concurrency, config.cache_dir.clone());
         runtime_config.cache_size = config.cache_size;
+        // Admission takes the instances for requests in progress; the rest
+        // are for those waiting for their calls to other modules.
         let instances = runtime_config.max_instances;
-        // Requests that wait for their calls to other modules keep their
-        // instances, beside the requests admitted.
-        let waiting = u32::try_from(config.children.max_waiting).unwrap_or(u32::MAX);
-        runtime_config.max_instances = instances.saturating_add(waiting);
+        let runtime_config = runtime_config.keeping_waiting(config.children.max_waiting);
         let runtime = Runtime::new(&runtime_config)?;
         // Watch before the first scan, so nothing that changes during it is missed.
         let (watcher, changes) = watch::watch(&config.modules_dir)?;

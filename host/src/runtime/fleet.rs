@@ -40,6 +40,17 @@ pub mod kind {
     pub const UNAVAILABLE: &str = "unavailable";
     /// No reply before the caller's deadline.
     pub const TIMEOUT: &str = "timeout";
+
+    /// Every kind above.
+    pub const ALL: [&str; 7] = [
+        NOT_ALLOWED,
+        TOO_DEEP,
+        TOO_MANY,
+        TOO_LARGE,
+        BUSY,
+        UNAVAILABLE,
+        TIMEOUT,
+    ];
 }
 
 impl FleetError {

@@ -92,8 +92,8 @@ pub struct RuntimeConfig {
     /// Whether guests are stopped at their time limit while they compute
     /// (epoch interruption). Always on in a node and in `wasmrpc run`; off
     /// only to measure what the checks cost a guest (`cargo bench --bench
-    /// sandbox`): a guest that loops then runs until its host call's
-    /// deadline is never reached.
+    /// sandbox`): without them a guest that computes is never stopped, only
+    /// one waiting in a host call.
     pub time_limits: bool,
 }
 
@@ -109,6 +109,14 @@ impl RuntimeConfig {
             cache_size: DEFAULT_CACHE_SIZE,
             time_limits: true,
         }
+    }
+
+    /// Room in the pool for `waiting` more instances: requests that wait for
+    /// their calls to other modules keep theirs beside those in progress.
+    pub fn keeping_waiting(mut self, waiting: usize) -> RuntimeConfig {
+        let waiting = u32::try_from(waiting).unwrap_or(u32::MAX);
+        self.max_instances = self.max_instances.saturating_add(waiting);
+        self
     }
 }
 
