@@ -69,6 +69,63 @@ impl Broker {
     }
 }
 
+impl Broker {
+    /// The RabbitMQ version this broker announces (`3.10.8`), read from the
+    /// `connection.start` it sends before any login, on a TCP connection of
+    /// its own closed right after (the broker logs it as closed by the
+    /// client). `None` over TLS, where it is not read, or when it cannot be.
+    pub async fn version(&self) -> Option<String> {
+        use lapin::uri::AMQPScheme;
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        if self.uri.scheme != AMQPScheme::AMQP {
+            return None;
+        }
+        let address = (self.uri.authority.host.as_str(), self.uri.authority.port);
+        let read = async {
+            let mut stream = tokio::net::TcpStream::connect(address).await.ok()?;
+            stream.write_all(b"AMQP\x00\x00\x09\x01").await.ok()?;
+            // A frame: type, channel (2 bytes), size (4 bytes), payload, end.
+            let mut frame = vec![0; 7];
+            stream.read_exact(&mut frame).await.ok()?;
+            let size = u32::from_be_bytes(frame[3..7].try_into().ok()?) as usize;
+            if size > MAX_START_FRAME {
+                return None;
+            }
+            frame.resize(7 + size + 1, 0);
+            stream.read_exact(&mut frame[7..]).await.ok()?;
+            server_version(&frame)
+        };
+        tokio::time::timeout(CONNECT_TIMEOUT, read)
+            .await
+            .ok()
+            .flatten()
+    }
+}
+
+/// The most a broker's `connection.start` is read: RabbitMQ's is about 500
+/// bytes.
+const MAX_START_FRAME: usize = 64 << 10;
+
+/// The `version` a `connection.start` frame's server properties give.
+fn server_version(frame: &[u8]) -> Option<String> {
+    use amq_protocol::frame::{AMQPFrame, parse_frame};
+    use lapin::protocol::{AMQPClass, connection::AMQPMethod};
+    let Ok((_, AMQPFrame::Method(0, AMQPClass::Connection(AMQPMethod::Start(start))))) =
+        parse_frame(frame)
+    else {
+        return None;
+    };
+    match start
+        .server_properties
+        .inner()
+        .get(&ShortString::from("version"))?
+    {
+        AMQPValue::LongString(version) => Some(String::from_utf8_lossy(version.as_bytes()).into()),
+        AMQPValue::ShortString(version) => Some(version.as_str().to_owned()),
+        _ => None,
+    }
+}
+
 impl FromStr for Broker {
     type Err = String;
 
@@ -781,6 +838,22 @@ pub fn header_str<'a>(headers: Option<&'a FieldTable>, name: &str) -> Option<&'a
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_broker_says_its_version_before_any_login() {
+        let url = std::env::var("AMQP_URL").unwrap_or_else(|_| DEFAULT_URL.into());
+        let broker: Broker = url.parse().unwrap();
+        let version = broker.version().await.expect("the test broker's version");
+        assert!(
+            version.split('.').next().unwrap().parse::<u32>().is_ok(),
+            "{version}"
+        );
+        // Nothing answers there: no version, and no wait past the timeout.
+        let nobody: Broker = "amqp://127.0.0.1:1".parse().unwrap();
+        assert_eq!(nobody.version().await, None);
+        let tls: Broker = "amqps://127.0.0.1:5671".parse().unwrap();
+        assert_eq!(tls.version().await, None);
+    }
 
     #[test]
     fn a_bad_header_is_shown_as_its_sender_wrote_it() {

@@ -25,7 +25,7 @@ use crate::trace::TraceParent;
 use crate::wire::{NodeStatus, Topology, unix_time};
 
 pub use crate::wire::reply::Reply;
-use crate::wire::request::{self, DIRECT_REPLY_TO};
+use crate::wire::request::{self, Chain, DIRECT_REPLY_TO};
 
 /// An answer from a node on the control exchange, with the broker user that
 /// sent it: the broker refuses a message whose `user_id` is not its
@@ -51,8 +51,8 @@ pub struct FleetAnswers<T> {
 pub struct CallOptions {
     /// The trace the call belongs to: sent as the `traceparent` header.
     pub traceparent: Option<TraceParent>,
-    /// For a call a module makes: how deep in a chain of calls it is.
-    pub depth: u32,
+    /// For a call a module makes: where it stands in its tree of calls.
+    pub chain: Chain,
 }
 
 /// Why a call got no reply.
@@ -68,6 +68,8 @@ pub enum ClientError {
     Refused(String),
     #[error("lost the broker connection: {0}")]
     Broker(String),
+    #[error("a module name of {0} bytes cannot be a routing key (255 bytes at most)")]
+    NameTooLong(usize),
 }
 
 type Pending = Arc<Mutex<PendingCalls>>;
@@ -196,6 +198,11 @@ impl Client {
         timeout: Duration,
         options: &CallOptions,
     ) -> Result<Reply, ClientError> {
+        // A routing key longer than 255 bytes cannot even be encoded (the
+        // node answers any other name that is not a module's).
+        if module.len() > usize::from(u8::MAX) {
+            return Err(ClientError::NameTooLong(module.len()));
+        }
         let correlation_id = uuid::Uuid::new_v4().to_string();
         let (sender, receiver) = oneshot::channel();
         self.wait_for(&correlation_id, Waiter::One(sender))?;
@@ -211,7 +218,7 @@ impl Client {
             &correlation_id,
             timeout,
             options.traceparent.as_ref(),
-            options.depth,
+            options.chain,
             unix_time(),
         );
         let published = self

@@ -23,6 +23,7 @@ pub mod node;
 pub mod permissions;
 pub mod registry;
 mod replies;
+pub mod reply_to;
 mod request;
 pub mod runtime;
 pub(crate) mod settler;

@@ -120,7 +120,7 @@ impl Fleet for LocalCalls {
     fn call_all(
         &self,
         calls: Vec<(String, Vec<u8>)>,
-        _memory: u64,
+        _memory: (u64, u64),
     ) -> Pin<Box<dyn Future<Output = Vec<Outcome>> + Send + '_>> {
         // Each call is a task of its own: polled inside the caller's poll,
         // it would compute on the caller's permit to run wasm and wait for

@@ -1,8 +1,11 @@
 //! Log output on stderr, filtered like `RUST_LOG`: lines for people, or
-//! JSON objects for a log shipper; and [`Escaped`], for text from outside.
+//! JSON objects for a log shipper; [`Escaped`], for text from outside; and
+//! [`Burst`], so that what callers can repeat at will costs a line per burst.
 
 use std::fmt::{self, Write as _};
 use std::io::IsTerminal as _;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use tracing_subscriber::EnvFilter;
 
@@ -70,9 +73,54 @@ impl fmt::Debug for Escaped<'_> {
     }
 }
 
+/// Says when a line about something callers can make happen as often as
+/// they like is due: the first of a burst, then at most one per `every`,
+/// with how many were not logged since.
+pub struct Burst {
+    every: Duration,
+    state: Mutex<(Option<Instant>, u64)>,
+}
+
+impl Burst {
+    pub const fn new(every: Duration) -> Burst {
+        Burst {
+            every,
+            state: Mutex::new((None, 0)),
+        }
+    }
+
+    /// `Some(n)` when a line is due now, `n` the lines left out since the
+    /// last; `None` when this one is left out.
+    pub fn due(&self) -> Option<u64> {
+        let mut state = self
+            .state
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        let (last, skipped) = &mut *state;
+        if last.is_some_and(|last| last.elapsed() < self.every) {
+            *skipped += 1;
+            return None;
+        }
+        *last = Some(Instant::now());
+        Some(std::mem::take(skipped))
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::Escaped;
+    use super::{Burst, Escaped};
+
+    #[test]
+    fn a_burst_logs_its_first_line_and_counts_the_rest() {
+        let burst = Burst::new(std::time::Duration::from_secs(3600));
+        assert_eq!(burst.due(), Some(0));
+        for _ in 0..99 {
+            assert_eq!(burst.due(), None);
+        }
+        let every = Burst::new(std::time::Duration::ZERO);
+        assert_eq!(every.due(), Some(0));
+        assert_eq!(every.due(), Some(0));
+    }
 
     #[test]
     fn control_characters_are_escaped_and_the_rest_kept() {

@@ -52,6 +52,11 @@ struct OutcomeLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct LimitLabels {
     module: String,
     limit: &'static str,
@@ -199,6 +204,7 @@ pub struct Metrics {
     limits: Family<LimitLabels, Counter>,
     child_calls: Family<RequestLabels, Counter>,
     reconnects: Counter,
+    replies_refused: Family<ReasonLabel, Counter>,
     readings: ReadingsSource,
 }
 
@@ -249,6 +255,12 @@ impl Default for Metrics {
             "Sessions opened after a lost one",
             reconnects.clone(),
         );
+        let replies_refused = Family::default();
+        registry.register(
+            "replies_refused",
+            "Replies not delivered because of their reply_to, by reason: fleet_queue, not_allowed, malformed (refused before publishing) or broker (the broker refused it)",
+            replies_refused.clone(),
+        );
         let build = Family::<BuildLabels, Gauge>::default();
         build
             .get_or_create(&BuildLabels {
@@ -267,6 +279,7 @@ impl Default for Metrics {
             limits,
             child_calls,
             reconnects,
+            replies_refused,
             readings,
         }
     }
@@ -325,6 +338,13 @@ impl Metrics {
                 module: module.to_string(),
                 limit: limit.as_str(),
             })
+            .inc();
+    }
+
+    /// A reply was not delivered because of its `reply_to`, for `reason`.
+    pub fn reply_refused(&self, reason: &'static str) {
+        self.replies_refused
+            .get_or_create(&ReasonLabel { reason })
             .inc();
     }
 

@@ -14,6 +14,18 @@
 //! from the first refusal) and answers [`ReplyError::TooLarge`] before
 //! sending anything larger.
 //!
+//! Before anything is published, a reply's `reply_to` is checked
+//! ([`crate::reply_to`]): a name of the fleet's own queues, one the
+//! operator's patterns do not allow, or a direct reply-to name the broker
+//! cannot have made is refused ([`ReplyError::Forbidden`]). A well-formed
+//! direct reply-to name for a broker node no reply has reached yet goes out
+//! *on trial*, alone, on a second connection ([`Replies`] holds two
+//! [`Lane`]s): RabbitMQ closes the publisher's connection over a name whose
+//! node it does not know, and on the trial lane that costs no other reply.
+//! Once a reply to a node is confirmed, replies to it go out on the main
+//! lane with the others; a node the broker refused is refused at once for a
+//! while.
+//!
 //! A broker may also stop confirming without closing anything (a node
 //! shutting down, a partition). No reply arms a timer of its own for that:
 //! one watchdog per channel sees when replies have been waiting and none
@@ -32,6 +44,8 @@ use tokio::sync::{Mutex, RwLock};
 use tokio_util::sync::CancellationToken;
 
 use crate::amqp::{self, Brokers};
+use crate::logging::Escaped;
+use crate::reply_to::{Nodes, Refusal, ReplyRules, Route, Standing};
 
 /// Why a reply did not go out.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -51,6 +65,9 @@ pub enum ReplyError {
     /// The caller stopped waiting (its session was lost).
     #[error("abandoned")]
     Abandoned,
+    /// Its `reply_to` is refused before anything is published.
+    #[error("{0}: nothing was published")]
+    Forbidden(Refusal),
 }
 
 /// How long replies may wait with none of them confirmed, or the reply
@@ -65,10 +82,25 @@ const WATCHDOG_TICK: Duration = Duration::from_secs(5);
 /// than each trying every broker again.
 const REOPEN_PAUSE: Duration = Duration::from_millis(500);
 
-/// The reply path of one node.
+/// The reply path of one node: every reply's `reply_to` checked, and two
+/// lanes to the broker.
 pub struct Replies {
+    rules: ReplyRules,
+    /// Replies to queues and to broker nodes that replies have reached.
+    main: Lane,
+    /// Replies to broker nodes not reached yet: one at a time (`turn`).
+    trial: Lane,
+    turn: Mutex<()>,
+    nodes: std::sync::Mutex<Nodes>,
+}
+
+/// One connection to the broker that replies go out on.
+struct Lane {
     brokers: Brokers,
     connection_name: String,
+    /// Whether replies share the lane: then a failed reply is sent again
+    /// alone, to tell the culprit from the others.
+    shared: bool,
     /// The channel replies go out on, when it is open: what every reply
     /// reads, without waiting for `path`.
     live: std::sync::RwLock<Option<Arc<Live>>>,
@@ -76,8 +108,8 @@ pub struct Replies {
     path: Mutex<Path>,
     /// Replies in flight hold it shared; a reply sent alone holds it exclusively.
     gate: RwLock<()>,
-    /// The largest message body the broker accepts.
-    max_message: AtomicUsize,
+    /// The largest message body the broker accepts (shared by the lanes).
+    max_message: Arc<AtomicUsize>,
 }
 
 /// An open reply channel.
@@ -165,21 +197,31 @@ enum AttemptFailure {
 
 impl Replies {
     /// A reply path to the first of `brokers` that answers, opened on the
-    /// first reply. `max_message` is the broker's `max_message_size`.
-    pub fn new(brokers: Brokers, connection_name: String, max_message: usize) -> Replies {
-        Replies {
-            brokers,
+    /// first reply, for replies that `rules` allow. `max_message` is the
+    /// broker's `max_message_size`.
+    pub fn new(
+        brokers: Brokers,
+        connection_name: String,
+        max_message: usize,
+        rules: ReplyRules,
+    ) -> Replies {
+        let max_message = Arc::new(AtomicUsize::new(max_message));
+        let lane = |connection_name: String, shared: bool| Lane {
+            brokers: brokers.clone(),
             connection_name,
+            shared,
             live: std::sync::RwLock::default(),
             path: Mutex::default(),
             gate: RwLock::new(()),
-            max_message: AtomicUsize::new(max_message),
+            max_message: max_message.clone(),
+        };
+        Replies {
+            rules,
+            trial: lane(format!("{connection_name} (trial)"), false),
+            main: lane(connection_name, true),
+            turn: Mutex::new(()),
+            nodes: std::sync::Mutex::default(),
         }
-    }
-
-    /// The largest reply body the broker accepts, as far as this node knows.
-    pub fn max_message(&self) -> usize {
-        self.max_message.load(Ordering::Relaxed)
     }
 
     /// Publishes a reply through the default exchange to `reply_to` and waits
@@ -196,7 +238,7 @@ impl Replies {
         body: &[u8],
         abandon: &CancellationToken,
     ) -> Result<(), ReplyError> {
-        self.send_as(To::reply(reply_to), properties, body, abandon, Vouch::No)
+        self.reply(reply_to, properties, body, abandon, Vouch::No)
             .await
     }
 
@@ -212,7 +254,7 @@ impl Replies {
         body: &[u8],
         abandon: &CancellationToken,
     ) -> Result<(), ReplyError> {
-        self.send_as(To::reply(reply_to), properties, body, abandon, Vouch::Yes)
+        self.reply(reply_to, properties, body, abandon, Vouch::Yes)
             .await
     }
 
@@ -231,7 +273,94 @@ impl Replies {
             exchange,
             routing_key,
         };
-        self.send_as(to, properties, body, abandon, Vouch::No).await
+        self.main
+            .send_as(to, properties, body, abandon, Vouch::No)
+            .await
+    }
+
+    /// Closes both lanes, for shutdown.
+    pub async fn close(&self) {
+        self.main.close().await;
+        self.trial.close().await;
+    }
+
+    async fn reply(
+        &self,
+        reply_to: &str,
+        properties: BasicProperties,
+        body: &[u8],
+        abandon: &CancellationToken,
+        vouch: Vouch,
+    ) -> Result<(), ReplyError> {
+        let node = match self.rules.check(reply_to).map_err(ReplyError::Forbidden)? {
+            Route::Queue => None,
+            Route::Direct(node) => Some(node),
+        };
+        let to = To::reply(reply_to);
+        let Some(node) = node else {
+            return self
+                .main
+                .send_as(to, properties, body, abandon, vouch)
+                .await;
+        };
+        let standing = || {
+            self.nodes
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .standing(&node)
+        };
+        match standing() {
+            Standing::Known => {
+                return self
+                    .main
+                    .send_as(to, properties, body, abandon, vouch)
+                    .await;
+            }
+            Standing::Refused => return Err(refused_lately()),
+            Standing::Unknown => {}
+        }
+        let Some(_turn) = abandon.run_until_cancelled(self.turn.lock()).await else {
+            return Err(ReplyError::Abandoned);
+        };
+        // The reply on trial before this one may have settled it.
+        match standing() {
+            Standing::Known => {
+                return self
+                    .main
+                    .send_as(to, properties, body, abandon, vouch)
+                    .await;
+            }
+            Standing::Refused => return Err(refused_lately()),
+            Standing::Unknown => {}
+        }
+        let sent = self
+            .trial
+            .send_as(to, properties, body, abandon, vouch)
+            .await;
+        let mut nodes = self.nodes.lock().unwrap_or_else(PoisonError::into_inner);
+        match &sent {
+            Ok(()) => {
+                tracing::debug!(node = ?node, "a reply reached a broker node: replies to it share the main lane now");
+                nodes.reached(node);
+            }
+            Err(ReplyError::Refused(_)) => nodes.refused(node),
+            Err(_) => {}
+        }
+        sent
+    }
+}
+
+/// Why a reply to a broker node the broker refused lately is not sent.
+fn refused_lately() -> ReplyError {
+    ReplyError::Refused(
+        "the broker refused a reply to this direct reply-to name's broker node moments ago".into(),
+    )
+}
+
+impl Lane {
+    /// The largest reply body the broker accepts, as far as this node knows.
+    fn max_message(&self) -> usize {
+        self.max_message.load(Ordering::Relaxed)
     }
 
     async fn send_as(
@@ -259,7 +388,7 @@ impl Replies {
                                 .into(),
                         ));
                     };
-                    tracing::debug!(to = %to.routing_key, "the broker nacked the reply: sending it again in {pause:?}");
+                    tracing::debug!(to = %Escaped(to.routing_key), "the broker nacked the reply: sending it again in {pause:?}");
                     abandon
                         .run_until_cancelled(tokio::time::sleep(pause))
                         .await
@@ -291,8 +420,13 @@ impl Replies {
         let generation = match first {
             None => return Ok(Err(ReplyError::Abandoned)),
             Some(Ok(())) => return Ok(Ok(())),
+            Some(Err(AttemptFailure::Failed(error, generation))) if !self.shared => {
+                // It was alone already: it is the culprit.
+                self.forget(generation).await;
+                return Err(AttemptFailure::Failed(error, generation));
+            }
             Some(Err(AttemptFailure::Failed(error, generation))) => {
-                tracing::debug!(to = %to.routing_key, "reply failed, sending it again alone: {error}");
+                tracing::debug!(to = %Escaped(to.routing_key), "reply failed, sending it again alone: {error}");
                 generation
             }
             Some(Err(other)) => return Err(other),
@@ -327,8 +461,8 @@ impl Replies {
         ReplyError::Refused(error.to_string())
     }
 
-    /// Closes the path, for shutdown.
-    pub async fn close(&self) {
+    /// Closes the lane, for shutdown.
+    async fn close(&self) {
         let mut path = self.path.lock().await;
         if let Some(live) = self.take_live() {
             live.confirms.stalled.cancel();
@@ -448,7 +582,8 @@ impl Replies {
                 .connect(first, &self.connection_name)
                 .await
                 .map_err(|error| error.to_string())?;
-            if path.connection.is_some() {
+            // The trial lane reopens after every reply the broker refuses.
+            if path.connection.is_some() && self.shared {
                 tracing::info!(broker = %self.brokers.get(broker), "reply path reopened");
             }
             path.connection = Some(connection);

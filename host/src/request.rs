@@ -23,8 +23,8 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
-use crate::children::{ChildCalls, Children, Place};
-use crate::logging::Escaped;
+use crate::children::{ChildCalls, Children};
+use crate::logging::{Burst, Escaped};
 use crate::metrics::{Limit, Metrics};
 use crate::names::ModuleName;
 use crate::registry::LoadedModule;
@@ -34,7 +34,7 @@ use crate::settler::Settlement;
 use crate::settler::Ticket;
 use crate::stats::Stats;
 use crate::wire::reply::Response;
-use crate::wire::request::Request;
+use crate::wire::request::{Request, Stamps};
 use crate::wire::{ErrorKind, FORWARDS_HEADER, unix_time};
 
 /// A line about a request at `$level`, naming it (module and correlation
@@ -57,14 +57,18 @@ pub(crate) struct Context {
     /// Cancelled when the broker session the deliveries came on is lost:
     /// they can no longer be settled, and the broker hands them out again.
     pub lost: CancellationToken,
+    /// What the session's broker stamps on the deliveries it hands out again.
+    pub stamps: Stamps,
 }
 
 impl Context {
-    /// The context of the requests of a new session.
-    pub(crate) fn for_session(node: &Arc<Requests>) -> Context {
+    /// The context of the requests of a new session, on a broker that
+    /// stamps what `stamps` says.
+    pub(crate) fn for_session(node: &Arc<Requests>, stamps: Stamps) -> Context {
         Context {
             node: node.clone(),
             lost: CancellationToken::new(),
+            stamps,
         }
     }
 }
@@ -81,6 +85,8 @@ pub(crate) struct Requests {
     pub dead_queue: String,
     /// Where requests are published, for one forwarded to its module.
     pub requests_exchange: String,
+    /// When a line about a refused `reply_to` is due.
+    pub refused_replies: Burst,
     /// Cancelled when the node begins to shut down.
     pub stopping: CancellationToken,
 }
@@ -187,7 +193,7 @@ pub(crate) async fn handle(
     let request = Request::decode(
         &delivery.routing_key,
         &delivery.properties,
-        delivery.redelivered,
+        (delivery.redelivered, context.stamps),
         received,
         unix_time(),
     );
@@ -264,7 +270,10 @@ async fn handle_in_span(
                 ticket.settle(Settlement::Requeue);
                 return;
             }
-            Handled::Lost => return,
+            Handled::Lost => {
+                ticket.abandon();
+                return;
+            }
         },
     };
     outcome.reply.trace = request.trace.clone();
@@ -347,6 +356,16 @@ async fn run_module(
             ran: None,
         });
     }
+    // As if it broke while it ran: after the poison check.
+    #[cfg(feature = "fault-injection")]
+    if crate::amqp::header_str(
+        delivery.properties.headers().as_ref(),
+        "x-wasmrpc-test-panic",
+    )
+    .is_some()
+    {
+        panic!("the request asked its task to panic (fault injection)");
+    }
     let deadline = match &request.deadline {
         Ok(deadline) => *deadline,
         Err(message) => {
@@ -427,36 +446,58 @@ async fn run(
     admitted: Admitted,
 ) -> Response {
     let started = Instant::now();
-    let result = match module.module.imports_fleet() {
+    let (result, calls) = match module.module.imports_fleet() {
         false => {
             let result = module.module.call(input, deadline).await;
             drop(admitted);
-            result
+            (result, 0)
         }
         true => {
             let own = started + module.module.limits().time;
-            let calls = ChildCalls {
-                children: context.node.children.clone(),
-                module: module.name.clone(),
-                deadline: deadline.map_or(own, |deadline| deadline.min(own)),
-                trace: request.trace.as_ref().map(|trace| trace.parent),
-                depth: request.depth,
-                place: Mutex::new(Place::Admitted(admitted)),
-            };
+            let children = &context.node.children;
+            let calls = Arc::new(ChildCalls::new(
+                children.clone(),
+                module.name.clone(),
+                (
+                    deadline.map_or(own, |deadline| deadline.min(own)),
+                    request.trace.as_ref().map(|trace| trace.parent),
+                ),
+                (request.depth, children.limits().budget(request.budget)),
+                admitted,
+            ));
             let calling = Calling {
-                fleet: Arc::new(calls),
+                fleet: calls.clone(),
                 callees: module.calls.clone(),
             };
             // The request's place goes with the guest's store, which holds
             // its calls: when the call returns.
-            module
+            let result = module
                 .module
                 .call_with(input, deadline, Some(calling))
-                .await
+                .await;
+            (result, calls.caused())
         }
     };
     context.node.metrics.ran(&module.name, started.elapsed());
     let reply = match result {
+        // The caller is a module that cannot take more: its node would
+        // refuse the reply anyway, after it crossed the broker.
+        Ok(output)
+            if request
+                .reply_limit
+                .is_some_and(|limit| output.len() as u64 > limit) =>
+        {
+            context.node.metrics.tripped(&module.name, Limit::Reply);
+            Response::error(
+                ErrorKind::TooLarge,
+                format!(
+                    "{}: output of {} bytes is more than the {} bytes its calling module can take",
+                    module.name,
+                    output.len(),
+                    request.reply_limit.unwrap_or_default()
+                ),
+            )
+        }
         Ok(output) => Response {
             content_type: Some(module.content_type.clone()),
             ..Response::ok(output)
@@ -467,6 +508,11 @@ async fn run(
             }
             Response::error(ErrorKind::from(&error), format!("{}: {error}", module.name))
         }
+    };
+    // A caller that gave a budget gets back what this request did not use.
+    let reply = Response {
+        calls: request.budget.map(|_| calls),
+        ..reply
     };
     Response {
         version: Some(module.version.clone()),
@@ -479,10 +525,10 @@ async fn run(
 /// the caller got, if it got one.
 ///
 /// A reply the broker refuses costs only its own request: one too large for
-/// the broker is replaced by a `too_large` error; one refused for any other
-/// reason (a malformed `reply_to`, say) is dead-lettered, since it would fail
-/// the same way every time. A reply path that is down returns the request to
-/// its queue; a session lost meanwhile leaves it to the broker.
+/// the broker is replaced by a `too_large` error; one whose `reply_to` is
+/// refused (by the node's rules or by the broker) is acked unanswered, since
+/// it would fail the same way every time. A reply path that is down returns
+/// the request to its queue; a session lost meanwhile leaves it to the broker.
 async fn answer(
     context: &Context,
     request: &Request,
@@ -542,16 +588,34 @@ async fn answer(
                 tracing::debug!(
                     "session lost before the reply went out: the broker hands the request out again"
                 );
+                ticket.abandon();
                 return None;
             }
-            Err(error @ (ReplyError::Refused(_) | ReplyError::TooLarge { .. })) => {
-                request_event!(
-                    error,
-                    request,
-                    reply_to = %Escaped(reply_to),
-                    "{error}: rejecting the request so that it cannot cycle (a module queue dead-letters it)"
-                );
-                Settlement::DeadLetter
+            Err(
+                error @ (ReplyError::Refused(_)
+                | ReplyError::Forbidden(_)
+                | ReplyError::TooLarge { .. }),
+            ) => {
+                // Nobody can be answered: the request is done, and neither
+                // runs again nor becomes a dead letter (a caller could fill
+                // the dead-letter queue so). It costs a line per burst.
+                let reason = match &error {
+                    ReplyError::Forbidden(refusal) => refusal.as_str(),
+                    _ => "broker",
+                };
+                context.node.metrics.reply_refused(reason);
+                if let Some(left_out) = context.node.refused_replies.due() {
+                    request_event!(
+                        warn,
+                        request,
+                        reply_to = %Escaped(reply_to),
+                        reason,
+                        lines_left_out = left_out,
+                        "{error}: acking the request unanswered (one line per burst; \
+                         wasmrpc_replies_refused_total counts them all)"
+                    );
+                }
+                Settlement::Ack
             }
             Err(error @ ReplyError::Unavailable(_)) => {
                 request_event!(warn, request, "{error}: returning the request to its queue");
@@ -584,7 +648,7 @@ pub(crate) async fn answer_unserved(
     let request = Request::decode(
         &delivery.routing_key,
         &delivery.properties,
-        delivery.redelivered,
+        (delivery.redelivered, context.stamps),
         Instant::now(),
         unix_time(),
     );
@@ -653,7 +717,7 @@ async fn forward(
             tracing::debug!("came before its module's queue was bound: forwarded there");
             ticket.settle(Settlement::Ack);
         }
-        Err(ReplyError::Abandoned) => {}
+        Err(ReplyError::Abandoned) => ticket.abandon(),
         Err(error) => {
             request_event!(
                 warn,
@@ -695,7 +759,10 @@ pub(crate) async fn answer_control(
         match sent {
             Ok(()) => {}
             // The delivery went with its session: nothing to settle.
-            Err(ReplyError::Abandoned) => return,
+            Err(ReplyError::Abandoned) => {
+                ticket.abandon();
+                return;
+            }
             Err(error) => tracing::warn!(
                 reply_to = %Escaped(reply_to.as_str()),
                 "cannot answer on the control queue: {error}"

@@ -16,6 +16,12 @@
 //!
 //! A lost session settles nothing: its settler stops at once, and the broker
 //! hands out again whatever the channel held unsettled.
+//!
+//! No task can leak a delivery: a ticket dropped unsettled while its session
+//! lives (its task panicked, or returned early by mistake) returns the
+//! delivery to its queue with `basic.reject`, which RabbitMQ counts as a
+//! failed delivery, so the queue's delivery limit still ends a request that
+//! kills every task it reaches.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -46,18 +52,23 @@ pub(crate) struct Settler {
 
 /// The promise to settle one delivery, kept by whoever handles it. Settling
 /// consumes it, so a delivery cannot be settled twice (which the broker
-/// answers by closing the channel); dropping it settles nothing, as a lost
-/// session's tasks do.
+/// answers by closing the channel). A task whose session is lost gives it up
+/// ([`Ticket::abandon`]); dropping it unsettled otherwise is a bug, which
+/// the drop logs and survives by returning the delivery to its queue.
 #[derive(Debug)]
 pub(crate) struct Ticket {
     tag: u64,
     notes: mpsc::UnboundedSender<Note>,
+    /// Settled or abandoned: nothing left to do when dropped.
+    done: bool,
 }
 
 #[derive(Debug)]
 enum Note {
     Arrived(u64),
     Settled(u64, Settlement),
+    /// Dropped unsettled: back to its queue, counted as a failed delivery.
+    Dropped(u64),
     /// Answered once everything noted before has been said.
     Flush(oneshot::Sender<()>),
 }
@@ -80,6 +91,7 @@ impl Settler {
         Ticket {
             tag,
             notes: self.notes.clone(),
+            done: false,
         }
     }
 
@@ -108,8 +120,30 @@ impl Settler {
 }
 
 impl Ticket {
-    pub(crate) fn settle(self, settlement: Settlement) {
+    pub(crate) fn settle(mut self, settlement: Settlement) {
+        self.done = true;
         let _ = self.notes.send(Note::Settled(self.tag, settlement));
+    }
+
+    /// Gives the delivery up because its session is lost: the broker hands
+    /// it out again by itself, and nothing can be said on the channel.
+    pub(crate) fn abandon(mut self) {
+        self.done = true;
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        // A closed settler has ended with its session: nothing to say.
+        if self.done || self.notes.is_closed() {
+            return;
+        }
+        tracing::error!(
+            delivery_tag = self.tag,
+            "a delivery's task ended without settling it (a bug: did it panic?): \
+             returning the delivery to its queue"
+        );
+        let _ = self.notes.send(Note::Dropped(self.tag));
     }
 }
 
@@ -131,6 +165,7 @@ async fn run(channel: Channel, mut notes: mpsc::UnboundedReceiver<Note>, lost: C
             match note {
                 Note::Arrived(tag) => ledger.arrived(tag),
                 Note::Settled(tag, settlement) => ledger.settled(tag, settlement, &mut frames),
+                Note::Dropped(tag) => ledger.dropped(tag, &mut frames),
                 Note::Flush(done) => flushes.push(done),
             }
         }
@@ -175,15 +210,25 @@ async fn send(channel: &Channel, frame: Frame) -> lapin::Result<()> {
                 .basic_reject(tag, BasicRejectOptions { requeue: false })
                 .await
         }
+        Frame::Fail(tag) => {
+            channel
+                .basic_reject(tag, BasicRejectOptions { requeue: true })
+                .await
+        }
     }
 }
 
 /// A settling frame.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Frame {
-    Ack { tag: u64, multiple: bool },
+    Ack {
+        tag: u64,
+        multiple: bool,
+    },
     Requeue(u64),
     Reject(u64),
+    /// Requeued as a failed delivery: a ticket dropped unsettled.
+    Fail(u64),
 }
 
 /// Which of a channel's deliveries are settled, and which frames say so.
@@ -233,6 +278,15 @@ impl Ledger {
                 *held = Held::Said;
                 frames.push(Frame::Reject(tag));
             }
+        }
+    }
+
+    /// Notes a ticket dropped unsettled: its delivery goes back at once,
+    /// alone, as a failure.
+    fn dropped(&mut self, tag: u64, frames: &mut Vec<Frame>) {
+        if let Some(held @ Held::Running) = self.open.get_mut(&tag) {
+            *held = Held::Said;
+            frames.push(Frame::Fail(tag));
         }
     }
 
@@ -431,6 +485,41 @@ mod tests {
         assert_eq!(left_after_closing(&connection, channel, &queue).await, 3);
     }
 
+    #[tokio::test]
+    async fn a_ticket_dropped_by_a_panicking_task_returns_its_delivery() {
+        use tokio_stream::StreamExt as _;
+        let (connection, channel, queue, mut consumer) = consuming(&["boom", "ok"]).await;
+        let settler = Settler::start(channel.clone(), CancellationToken::new());
+        for _ in 0..2 {
+            let delivery = consumer.next().await.unwrap().unwrap();
+            let ticket = settler.ticket(delivery.delivery_tag);
+            let task = tokio::spawn(async move {
+                assert_ne!(delivery.data, b"boom", "the task panics on purpose");
+                ticket.settle(ACK);
+            });
+            let _ = task.await;
+        }
+        // The panicking task's delivery comes back, redelivered.
+        let again = consumer.next().await.unwrap().unwrap();
+        assert_eq!(again.data, b"boom");
+        assert!(again.redelivered);
+        settler.ticket(again.delivery_tag).settle(ACK);
+        settler.finish(Duration::from_secs(5)).await;
+        assert!(channel.status().connected(), "{:?}", channel.status());
+        assert_eq!(left_after_closing(&connection, channel, &queue).await, 0);
+    }
+
+    #[test]
+    fn a_dropped_ticket_is_said_alone_and_first() {
+        let mut ledger = ledger(1..=3);
+        let mut frames = Vec::new();
+        ledger.settled(1, ACK, &mut frames);
+        ledger.dropped(2, &mut frames);
+        ledger.settled(3, ACK, &mut frames);
+        ledger.due(&mut frames);
+        assert_eq!(frames, [Frame::Fail(2), upto(3)]);
+    }
+
     #[test]
     fn a_run_of_acks_is_one_frame() {
         let mut ledger = ledger(1..=5);
@@ -562,6 +651,7 @@ mod tests {
             match frame {
                 Frame::Requeue(tag) => once(said, tag, Settlement::Requeue),
                 Frame::Reject(tag) => once(said, tag, Settlement::DeadLetter),
+                Frame::Fail(tag) => panic!("tag {tag} dropped: no ticket is, here"),
                 Frame::Ack {
                     tag,
                     multiple: false,

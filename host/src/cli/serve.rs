@@ -13,6 +13,7 @@ use crate::deploy::TrustedKeys;
 use crate::http;
 use crate::manifest::LimitOverrides;
 use crate::node::{self, Node, NodeConfig};
+use crate::reply_to::Pattern;
 use crate::runtime::Limits;
 use crate::shutdown::Signals;
 use crate::units::parse_duration;
@@ -93,6 +94,27 @@ pub(super) struct ServeArgs {
         help_heading = "Limits"
     )]
     max_message_size: u64,
+
+    /// Answer only callers whose `reply_to` matches one of these patterns
+    /// (comma-separated; `*` matches any run of characters), e.g.
+    /// `amq.rabbitmq.reply-to.*,amq.gen-*`: direct reply-to and server-named
+    /// queues, what RabbitMQ's tutorials and common clients use. Recommended
+    /// on a broker shared by teams: a caller cannot have replies written
+    /// into another team's queues. Requests whose `reply_to` does not match
+    /// are acked unanswered. Replies never go to the fleet's own queues,
+    /// whatever this says [default: any other name].
+    #[arg(
+        long,
+        env = "WASMRPC_REPLY_TO",
+        value_delimiter = ',',
+        value_parser = parse_reply_to,
+        help_heading = "Security"
+    )]
+    reply_to: Vec<Pattern>,
+}
+
+fn parse_reply_to(text: &str) -> Result<Pattern, String> {
+    Pattern::new(text)
 }
 
 /// The limits of every module whose manifest (`NAME.toml` beside
@@ -161,8 +183,16 @@ pub(super) struct ChildArgs {
     #[arg(long, env = "WASMRPC_MAX_WAITING_CALLERS", value_parser = clap::value_parser!(u32).range(1..=4096).map(|n| n as usize), help_heading = "Calls between modules")]
     max_waiting_callers: Option<usize>,
 
+    /// The most calls one outside caller's request may cause in all: its
+    /// own calls, their calls, and so on down the tree. Each call a module
+    /// makes spends one and gives the called module an equal share of what
+    /// is left; past it a call fails `too_many`.
+    #[arg(long, env = "WASMRPC_MAX_CALLS_PER_REQUEST", default_value_t = DEFAULTS.max_tree_calls, value_parser = clap::value_parser!(u64).range(1..=1_000_000), help_heading = "Calls between modules")]
+    max_calls_per_request: u64,
+
     /// The most memory the waiting requests may hold in all (their
-    /// instances' memory and their calls' inputs); past it a call fails `busy`.
+    /// instances' memory, their calls' inputs, and the replies as they
+    /// arrive); past it a call fails `busy`.
     #[arg(long, env = "WASMRPC_WAITING_MEMORY", default_value = "2GiB", value_parser = parse_size, help_heading = "Calls between modules")]
     waiting_memory: u64,
 }
@@ -178,6 +208,7 @@ impl ChildArgs {
                 .max_waiting_callers
                 .unwrap_or(ChildLimits::for_concurrency(concurrency).max_waiting),
             waiting_memory: self.waiting_memory,
+            max_tree_calls: self.max_calls_per_request,
         }
     }
 }
@@ -301,6 +332,7 @@ fn config(args: ServeArgs, global: &Global) -> Result<NodeConfig, Failure> {
         )));
     }
     config.max_message = args.max_message_size as usize;
+    config.reply_to = args.reply_to.clone();
     if let Some(path) = &args.accept_deploys {
         config.accept_deploys = Some(TrustedKeys::read(path).map_err(Failure::Usage)?);
     }

@@ -38,10 +38,12 @@ use self::shared::{Identity, Modules, Shared, Shown};
 use crate::amqp::Brokers;
 use crate::children::{ChildLimits, Children};
 use crate::deploy::TrustedKeys;
+use crate::logging::Burst;
 use crate::metrics::Metrics;
 use crate::names::ModuleName;
 use crate::registry::{Loader, Registry, Update};
 use crate::replies::Replies;
+use crate::reply_to::{Pattern, ReplyRules};
 use crate::request::{Admission, Requests};
 use crate::runtime::{Limits, Runtime, RuntimeConfig};
 use crate::stats::Stats;
@@ -81,6 +83,9 @@ pub struct NodeConfig {
     pub deploy_limit: usize,
     /// The bounds on modules' calls to other modules.
     pub children: ChildLimits,
+    /// The `reply_to` names replies may go to; empty: any that is not one
+    /// of the fleet's own queues (see [`crate::reply_to`]).
+    pub reply_to: Vec<Pattern>,
 }
 
 impl NodeConfig {
@@ -109,6 +114,7 @@ impl NodeConfig {
             accept_deploys: None,
             deploy_limit: Self::DEFAULT_DEPLOY_LIMIT,
             children: ChildLimits::for_concurrency(concurrency),
+            reply_to: Vec::new(),
         }
     }
 }
@@ -218,6 +224,7 @@ impl Node {
             config.brokers.clone(),
             format!("wasmrpc node {id} replies"),
             config.max_message,
+            ReplyRules::new(&config.exchange, config.reply_to.clone()),
         );
         let topology = Topology::new(&config.exchange);
         let metrics = Arc::new(Metrics::default());
@@ -236,6 +243,7 @@ impl Node {
             children: Arc::new(children),
             dead_queue: topology.dead_queue(),
             requests_exchange: topology.exchange().to_owned(),
+            refused_replies: Burst::new(Duration::from_secs(10)),
             stopping: CancellationToken::new(),
         });
         let shared = Arc::new(Shared {

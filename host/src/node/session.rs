@@ -30,6 +30,7 @@ use crate::names::ModuleName;
 use crate::registry::Update;
 use crate::request::{self, Context};
 use crate::settler::{Settlement, Settler};
+use crate::wire::request::Stamps;
 
 /// How long declaring and subscribing may take once connected.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -116,11 +117,15 @@ impl Session {
                 }
             })?;
         let connection = Arc::new(connection);
+        // What the broker stamps on redeliveries depends on its version: a
+        // header it does not stamp may be a caller's.
+        let version = brokers.get(broker).version().await;
+        let stamps = Stamps::of_version(version.as_deref());
         // A broker that takes the connection and then answers nothing (one
         // shutting down, say) must not hold the node forever.
         let subscribed = tokio::time::timeout(
             OPEN_TIMEOUT,
-            Session::subscribe(shared, &connection, number, broker),
+            Session::subscribe(shared, &connection, number, (broker, stamps)),
         )
         .await
         .unwrap_or_else(|_| {
@@ -135,6 +140,7 @@ impl Session {
                     node = %shared.identity.id,
                     session = number,
                     broker = %brokers.get(broker),
+                    broker_version = version.as_deref().unwrap_or("unknown"),
                     exchange = %shared.identity.topology.exchange(),
                     modules = shared.modules.registry.names().len(),
                     concurrency = shared.identity.concurrency,
@@ -156,7 +162,7 @@ impl Session {
         shared: &Arc<Shared>,
         connection: &Arc<Connection>,
         number: u64,
-        broker: usize,
+        (broker, stamps): (usize, Stamps),
     ) -> anyhow::Result<Session> {
         let consume = connection
             .create_channel()
@@ -207,7 +213,7 @@ impl Session {
                 subscriptions.prepare(connection, &name).await?;
             }
         }
-        let context = Arc::new(Context::for_session(&shared.requests));
+        let context = Arc::new(Context::for_session(&shared.requests, stamps));
         let lost = context.lost.clone();
         let session = Session {
             number,

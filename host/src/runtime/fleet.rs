@@ -18,6 +18,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 pub use super::bindings::wasmrpc::compute::fleet::FleetError;
+use crate::names::ModuleName;
 use crate::units::Bytes;
 
 /// The name the interface is imported by.
@@ -40,9 +41,13 @@ pub mod kind {
     pub const UNAVAILABLE: &str = "unavailable";
     /// No reply before the caller's deadline.
     pub const TIMEOUT: &str = "timeout";
+    /// The name called is not a module name (too long, or a character a
+    /// name may not have): nothing was encoded or sent.
+    pub const BAD_REQUEST: &str = "bad_request";
 
     /// Every kind above.
-    pub const ALL: [&str; 7] = [
+    pub const ALL: [&str; 8] = [
+        BAD_REQUEST,
         NOT_ALLOWED,
         TOO_DEEP,
         TOO_MANY,
@@ -71,12 +76,13 @@ pub trait Fleet: Send + Sync {
     fn max_calls(&self) -> usize;
 
     /// Makes `calls` at once and returns one outcome per call, in order.
-    /// `memory` is what the calling request holds meanwhile: its instance's
-    /// memory and the calls' inputs.
+    /// `memory` is what the calling request holds meanwhile (its instance's
+    /// memory and the calls' inputs) and the room its memory limit leaves
+    /// for the replies, in all.
     fn call_all(
         &self,
         calls: Vec<(String, Vec<u8>)>,
-        memory: u64,
+        memory: (u64, u64),
     ) -> Pin<Box<dyn Future<Output = Vec<Outcome>> + Send + '_>>;
 
     /// Told of each call the runtime refused without making it.
@@ -183,7 +189,10 @@ pub(super) async fn call_all(
     let mut allowed = Vec::with_capacity(count);
     let mut places = Vec::with_capacity(count);
     for (place, (module, input)) in calls.into_iter().enumerate() {
-        if calling.callees.allows(&module) {
+        if let Err(why) = check_name(&module) {
+            calling.fleet.refused(&why);
+            outcomes[place] = Some(Err(why));
+        } else if calling.callees.allows(&module) {
             allowed.push((module, input));
             places.push(place);
         } else {
@@ -196,7 +205,7 @@ pub(super) async fn call_all(
         }
     }
     if !allowed.is_empty() {
-        let made = calling.fleet.call_all(allowed, used + inputs).await;
+        let made = calling.fleet.call_all(allowed, (used + inputs, room)).await;
         // The replies are the guest's once lowered into its memory: they
         // must fit there, in order, as far as they go.
         let mut room = room;
@@ -233,6 +242,26 @@ pub(super) async fn call_all(
         .collect()
 }
 
+/// Whether `module` is a module name at all, checked before anything about
+/// the call is encoded: a name longer than a routing key may be would
+/// otherwise fail where nothing expects it.
+fn check_name(module: &str) -> Result<(), FleetError> {
+    if module.len() > ModuleName::MAX_LEN {
+        return Err(FleetError::new(
+            kind::BAD_REQUEST,
+            format!(
+                "a module name of {} bytes is longer than a name may be ({} bytes)",
+                module.len(),
+                ModuleName::MAX_LEN
+            ),
+        ));
+    }
+    module
+        .parse::<ModuleName>()
+        .map(drop)
+        .map_err(|invalid| FleetError::new(kind::BAD_REQUEST, invalid.to_string()))
+}
+
 #[cfg(test)]
 mod tests {
     use std::future::Future;
@@ -256,7 +285,7 @@ mod tests {
         fn call_all(
             &self,
             calls: Vec<(String, Vec<u8>)>,
-            _memory: u64,
+            _memory: (u64, u64),
         ) -> Pin<Box<dyn Future<Output = Vec<Outcome>> + Send + '_>> {
             let outcomes = calls
                 .into_iter()
@@ -312,6 +341,23 @@ mod tests {
         assert_eq!(kinds(&made), ["ok", kind::NOT_ALLOWED, "ok"]);
         assert_eq!(made[2].as_deref().unwrap(), b"3");
         assert_eq!(*echo.refused.lock().unwrap(), [kind::NOT_ALLOWED]);
+    }
+
+    #[tokio::test]
+    async fn names_that_are_no_module_names_fail_in_place_even_for_any_callee() {
+        let (echo, calling) = echoing(1, &["*"]);
+        let long = "a".repeat(300);
+        let made = call_all(
+            Some(calling),
+            (0, 1 << 20),
+            calls(&[(long.as_str(), "1"), ("fib", "2"), ("Fib.x", "3")]),
+        )
+        .await;
+        assert_eq!(kinds(&made), [kind::BAD_REQUEST, "ok", kind::BAD_REQUEST]);
+        let Err(error) = &made[0] else { unreachable!() };
+        assert!(error.message.contains("300 bytes"), "{}", error.message);
+        assert!(error.message.len() < 200, "the name is not echoed whole");
+        assert_eq!(echo.refused.lock().unwrap().len(), 2);
     }
 
     #[tokio::test]

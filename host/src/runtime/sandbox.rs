@@ -24,6 +24,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use super::bindings::wasmrpc::compute::fleet::Host as FleetHost;
 use super::fleet::{self, Calling, Outcome};
 use super::limits::Limits;
+use crate::logging::Escaped;
 
 /// How much of a guest's stdout and of its stderr is kept; the rest is dropped.
 pub const OUTPUT_CAPTURE: usize = 16 << 10;
@@ -117,11 +118,11 @@ impl Sandbox {
             wasi.stdout.text()
         };
         if !stdout.is_empty() {
-            tracing::info!(target: "wasmrpc::guest", stdout = %stdout.trim_end(), "guest wrote to stdout");
+            tracing::info!(target: "wasmrpc::guest", stdout = %Escaped(stdout.trim_end()), "guest wrote to stdout");
         }
         let stderr = wasi.stderr.text();
         if !stderr.is_empty() {
-            tracing::info!(target: "wasmrpc::guest", stderr = %stderr.trim_end(), "guest wrote to stderr");
+            tracing::info!(target: "wasmrpc::guest", stderr = %Escaped(stderr.trim_end()), "guest wrote to stderr");
         }
         stderr
     }

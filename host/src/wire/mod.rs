@@ -61,6 +61,23 @@ pub const FORWARDS_HEADER: &str = "x-wasmrpc-forwards";
 /// called). A node refuses to make calls past its `--max-call-depth`.
 pub const DEPTH_HEADER: &str = "x-wasmrpc-depth";
 
+/// Set on a call a module makes to another module: how many calls the
+/// called request may still cause in all, its own and those of the calls
+/// it makes, down the whole tree (a node starts an outside caller's request
+/// at its `--max-calls-per-request`, and never believes a header above it).
+/// A call past it fails `too_many`.
+pub const BUDGET_HEADER: &str = "x-wasmrpc-budget";
+
+/// Set on a call a module makes to another module: the largest reply body,
+/// in bytes, its caller can take. The called node answers a larger output
+/// `too_large` instead of sending it.
+pub const REPLY_LIMIT_HEADER: &str = "x-wasmrpc-reply-limit";
+
+/// Set on the reply to a call that carried [`BUDGET_HEADER`]: how many
+/// calls the request caused in all, so that its caller gets back the part
+/// of the budget it did not use.
+pub const CALLS_HEADER: &str = "x-wasmrpc-calls";
+
 /// The `app_id` of every reply.
 pub const APP_ID: &str = "wasmrpc";
 

@@ -5,11 +5,11 @@
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 
-use crate::amqp::header_str;
+use crate::amqp::{header_str, header_u64};
 use crate::wire::request::Trace;
 use crate::wire::{
-    APP_ID, DEFAULT_CONTENT_TYPE, ERROR_CONTENT_TYPE, ERROR_HEADER, ErrorKind, TRACEPARENT_HEADER,
-    TRACESTATE_HEADER, VERSION_HEADER, unix_time,
+    APP_ID, CALLS_HEADER, DEFAULT_CONTENT_TYPE, ERROR_CONTENT_TYPE, ERROR_HEADER, ErrorKind,
+    TRACEPARENT_HEADER, TRACESTATE_HEADER, VERSION_HEADER, unix_time,
 };
 
 /// What a node sends back to a caller.
@@ -22,6 +22,9 @@ pub(crate) struct Response {
     pub content_type: Option<String>,
     /// The node's span of the caller's trace, and the caller's `tracestate`.
     pub trace: Option<Trace>,
+    /// How many calls the request caused in all, for a caller that gave it
+    /// a budget ([`CALLS_HEADER`]).
+    pub calls: Option<u64>,
 }
 
 impl Response {
@@ -32,6 +35,7 @@ impl Response {
             version: None,
             content_type: None,
             trace: None,
+            calls: None,
         }
     }
 
@@ -42,6 +46,7 @@ impl Response {
             version: None,
             content_type: Some(ERROR_CONTENT_TYPE.to_owned()),
             trace: None,
+            calls: None,
         }
     }
 
@@ -82,6 +87,10 @@ impl Response {
                 header(TRACESTATE_HEADER, state.clone());
             }
         }
+        if let Some(calls) = self.calls {
+            let calls = i64::try_from(calls).unwrap_or(i64::MAX);
+            headers.insert(CALLS_HEADER.into(), AMQPValue::LongLongInt(calls));
+        }
         if !headers.inner().is_empty() {
             properties = properties.with_headers(headers);
         }
@@ -107,6 +116,9 @@ pub struct Reply {
     /// The broker user that sent the reply, as the broker checked it (the
     /// message's `user_id`), if the sender set it.
     pub user_id: Option<String>,
+    /// How many calls the request caused in all (`x-wasmrpc-calls`), on
+    /// the reply to a call that carried a budget.
+    pub calls: Option<u64>,
 }
 
 impl Reply {
@@ -123,6 +135,7 @@ impl Reply {
                 .map(|value| value.to_string()),
             traceparent: header_str(headers, TRACEPARENT_HEADER).map(str::to_owned),
             user_id: properties.user_id().as_ref().map(|user| user.to_string()),
+            calls: header_u64(headers, CALLS_HEADER).ok().flatten(),
             correlation_id,
             body,
         })
@@ -192,6 +205,7 @@ mod tests {
                 parent: parent(),
                 state: Some(LongString::from("s".repeat(MAX_TRACESTATE))),
             }),
+            calls: Some(u64::MAX),
         };
         let correlation_id = ShortString::from("c".repeat(255));
         let properties = response

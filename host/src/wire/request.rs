@@ -16,30 +16,49 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use crate::amqp::header_u64;
 use crate::trace::TraceParent;
 use crate::wire::{
-    ACQUIRED_COUNT_HEADER, DEADLINE_HEADER, DELIVERY_COUNT_HEADER, DEPTH_HEADER, FORWARDS_HEADER,
-    TIMEOUT_HEADER, TRACEPARENT_HEADER, TRACESTATE_HEADER,
+    ACQUIRED_COUNT_HEADER, BUDGET_HEADER, DEADLINE_HEADER, DELIVERY_COUNT_HEADER, DEPTH_HEADER,
+    FORWARDS_HEADER, REPLY_LIMIT_HEADER, TIMEOUT_HEADER, TRACEPARENT_HEADER, TRACESTATE_HEADER,
 };
 
 /// The pseudo-queue RabbitMQ routes direct replies through.
 pub const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
 
+/// Where a call a module makes stands in its tree of calls (all zero and
+/// `None` for an outside caller's call).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Chain {
+    /// How deep in the chain of calls it is (0: none).
+    pub depth: u32,
+    /// How many calls it may still cause in all ([`BUDGET_HEADER`]).
+    pub budget: Option<u64>,
+    /// The largest reply its caller can take ([`REPLY_LIMIT_HEADER`]).
+    pub reply_limit: Option<u64>,
+}
+
 /// The properties of a call: replies by direct reply-to, `timeout` as both
 /// the broker's expiration (nobody waits for it after) and the node's
 /// deadline, the trace it belongs to, and `now` (Unix time) as its
 /// timestamp, from which nodes measure how long it waited in its queue;
-/// for a call a module makes, its `depth` in the chain of calls (0: none).
+/// for a call a module makes, where it stands in its `chain` of calls.
 pub fn properties(
     correlation_id: &str,
     timeout: Duration,
     traceparent: Option<&TraceParent>,
-    depth: u32,
+    chain: Chain,
     now: Duration,
 ) -> BasicProperties {
     let millis = timeout.as_millis().clamp(1, u128::from(u32::MAX)) as u32;
     let mut headers = FieldTable::default();
     headers.insert(TIMEOUT_HEADER.into(), AMQPValue::LongUInt(millis));
-    if depth > 0 {
-        headers.insert(DEPTH_HEADER.into(), AMQPValue::LongUInt(depth));
+    if chain.depth > 0 {
+        headers.insert(DEPTH_HEADER.into(), AMQPValue::LongUInt(chain.depth));
+    }
+    let long = |value: u64| AMQPValue::LongLongInt(i64::try_from(value).unwrap_or(i64::MAX));
+    if let Some(budget) = chain.budget {
+        headers.insert(BUDGET_HEADER.into(), long(budget));
+    }
+    if let Some(limit) = chain.reply_limit {
+        headers.insert(REPLY_LIMIT_HEADER.into(), long(limit));
     }
     if let Some(traceparent) = traceparent {
         headers.insert(
@@ -53,6 +72,31 @@ pub fn properties(
         .with_expiration(millis.to_string().as_str().into())
         .with_timestamp(now.as_secs())
         .with_headers(headers)
+}
+
+/// What the broker stamps on a request it delivers again, by its version:
+/// a header of those names it does not stamp may be the caller's own.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Stamps {
+    /// RabbitMQ 3.x, or a broker whose version is unknown: only
+    /// [`DELIVERY_COUNT_HEADER`], on quorum queues.
+    #[default]
+    DeliveryCount,
+    /// RabbitMQ 4.0 and later: [`ACQUIRED_COUNT_HEADER`] as well.
+    AcquiredCount,
+}
+
+impl Stamps {
+    /// What a broker announcing `version` (`3.10.8`, `4.1.0`) stamps.
+    pub fn of_version(version: Option<&str>) -> Stamps {
+        let major = version
+            .and_then(|version| version.split('.').next())
+            .and_then(|major| major.parse::<u32>().ok());
+        match major {
+            Some(major) if major >= 4 => Stamps::AcquiredCount,
+            _ => Stamps::DeliveryCount,
+        }
+    }
 }
 
 /// What a node needs to know of a delivery, read from it once on arrival.
@@ -80,6 +124,12 @@ pub(crate) struct Request {
     /// How deep in a chain of calls between modules it is (0: an outside
     /// caller's; one that cannot be read counts as the deepest).
     pub depth: u32,
+    /// How many calls it may still cause, if its caller said (one that
+    /// cannot be read counts as none).
+    pub budget: Option<u64>,
+    /// The largest reply its caller can take, if it said (one that cannot
+    /// be read counts as the smallest).
+    pub reply_limit: Option<u64>,
 }
 
 impl Request {
@@ -98,11 +148,11 @@ pub(crate) struct Trace {
 
 impl Request {
     /// Reads a delivery's properties, as it arrived at `received`, which was
-    /// `now` in Unix time.
+    /// `now` in Unix time, from a broker that stamps what `stamps` says.
     pub(crate) fn decode(
         routing_key: &ShortString,
         properties: &BasicProperties,
-        redelivered: bool,
+        (redelivered, stamps): (bool, Stamps),
         received: Instant,
         now: Duration,
     ) -> Request {
@@ -129,8 +179,10 @@ impl Request {
             deadline: deadline(headers, received, now),
             trace,
             trace_ignored,
-            delivery_count: delivery_count(redelivered, headers),
-            queued: properties.timestamp().and_then(|stamp| queued(stamp, now)),
+            delivery_count: delivery_count(redelivered, stamps, headers),
+            queued: properties
+                .timestamp()
+                .and_then(|stamp| queued(stamp, expiration(properties), now)),
             forwards: header_u64(headers, FORWARDS_HEADER)
                 .ok()
                 .flatten()
@@ -139,6 +191,8 @@ impl Request {
                 Ok(depth) => depth.map_or(0, |depth| u32::try_from(depth).unwrap_or(u32::MAX)),
                 Err(_) => u32::MAX,
             },
+            budget: header_u64(headers, BUDGET_HEADER).unwrap_or(Some(0)),
+            reply_limit: header_u64(headers, REPLY_LIMIT_HEADER).unwrap_or(Some(0)),
         }
     }
 }
@@ -192,18 +246,35 @@ fn trace_state(state: &[u8]) -> Result<LongString, String> {
     Err(format!("a tracestate {why}"))
 }
 
+/// The oldest a request without an expiration of its own is believed to be
+/// by its stamp: an older stamp is a wrong clock or a caller's lie, and
+/// would swamp the queue-wait histogram.
+pub(crate) const MAX_QUEUED: Duration = Duration::from_secs(24 * 3600);
+
 /// How long a request waited since its caller stamped it (the AMQP
 /// `timestamp`, in seconds; a value too large for seconds is read as
-/// milliseconds, as some clients send). `None` for a stamp from the future
-/// (clocks differ).
-fn queued(stamp: u64, now: Duration) -> Option<Duration> {
+/// milliseconds, as some clients send). `None` for a stamp the request
+/// cannot have: from the future (clocks differ), or older than it could be,
+/// which is its `expiration` (the broker drops it then) or [`MAX_QUEUED`].
+fn queued(stamp: u64, expiration: Option<Duration>, now: Duration) -> Option<Duration> {
     // Seconds since 1970 stay below 10^11 until the year 5138.
     let stamp = if stamp >= 100_000_000_000 {
         Duration::from_millis(stamp)
     } else {
         Duration::from_secs(stamp)
     };
-    now.checked_sub(stamp)
+    let waited = now.checked_sub(stamp)?;
+    // A stamp in whole seconds makes a request look up to a second older.
+    let oldest = expiration.map_or(MAX_QUEUED, |expiration| {
+        (expiration + Duration::from_secs(1)).min(MAX_QUEUED)
+    });
+    (waited <= oldest).then_some(waited)
+}
+
+/// A message's `expiration` (milliseconds, as text), if it has one.
+fn expiration(properties: &BasicProperties) -> Option<Duration> {
+    let text = properties.expiration().as_ref()?;
+    text.as_str().parse().ok().map(Duration::from_millis)
 }
 
 /// How many times the broker delivered this request before, by what the
@@ -214,13 +285,19 @@ fn queued(stamp: u64, now: Duration) -> Option<Duration> {
 /// 4.x sets [`ACQUIRED_COUNT_HEADER`] (every hand-out) as well, and from 4.3
 /// its delivery count grows only on failures a consumer reports, not when
 /// its connection dies. The broker's values replace the caller's headers of
-/// those names, so taking the most can only count more, never less.
-fn delivery_count(redelivered: bool, headers: Option<&FieldTable>) -> u64 {
+/// those names, so taking the most can only count more, never less; but a
+/// header the broker does not stamp (`x-acquired-count` on 3.x) is the
+/// caller's, and is not read.
+fn delivery_count(redelivered: bool, stamps: Stamps, headers: Option<&FieldTable>) -> u64 {
     if !redelivered {
         return 0;
     }
-    [DELIVERY_COUNT_HEADER, ACQUIRED_COUNT_HEADER]
-        .into_iter()
+    let stamped: &[&str] = match stamps {
+        Stamps::DeliveryCount => &[DELIVERY_COUNT_HEADER],
+        Stamps::AcquiredCount => &[DELIVERY_COUNT_HEADER, ACQUIRED_COUNT_HEADER],
+    };
+    stamped
+        .iter()
         .filter_map(|name| header_u64(headers, name).ok().flatten())
         .max()
         .unwrap_or(1)
@@ -264,6 +341,11 @@ mod tests {
     use super::*;
     use crate::wire::unix_time;
 
+    const V3: Stamps = Stamps::DeliveryCount;
+    const V4: Stamps = Stamps::AcquiredCount;
+    /// A first delivery, from a 3.x broker.
+    const FIRST: (bool, Stamps) = (false, V3);
+
     fn headers(values: &[(&str, AMQPValue)]) -> FieldTable {
         let mut table = FieldTable::default();
         for (name, value) in values {
@@ -278,12 +360,23 @@ mod tests {
             .parse()
             .unwrap();
         let now = unix_time();
-        let sent = properties("c-1", Duration::from_millis(1500), Some(&parent), 3, now);
+        let chain = Chain {
+            depth: 3,
+            budget: Some(17),
+            reply_limit: Some(1 << 20),
+        };
+        let sent = properties(
+            "c-1",
+            Duration::from_millis(1500),
+            Some(&parent),
+            chain,
+            now,
+        );
         let received = Instant::now();
         let request = Request::decode(
             &"fib".into(),
             &sent,
-            false,
+            (false, Stamps::DeliveryCount),
             received,
             now + Duration::from_secs(2),
         );
@@ -301,6 +394,8 @@ mod tests {
         assert!(request.queued.unwrap() >= Duration::from_secs(1));
         assert_eq!(request.forwards, 0);
         assert_eq!(request.depth, 3);
+        assert_eq!(request.budget, Some(17));
+        assert_eq!(request.reply_limit, Some(1 << 20));
     }
 
     #[test]
@@ -308,7 +403,7 @@ mod tests {
         let tutorial = BasicProperties::default()
             .with_reply_to("amq.gen-abc".into())
             .with_correlation_id("1".into());
-        let request = Request::decode(&"fib".into(), &tutorial, false, Instant::now(), unix_time());
+        let request = Request::decode(&"fib".into(), &tutorial, FIRST, Instant::now(), unix_time());
         assert_eq!(request.deadline, Ok(None));
         assert_eq!((request.trace, request.trace_ignored), (None, None));
         assert_eq!((request.queued, request.forwards), (None, 0));
@@ -320,7 +415,7 @@ mod tests {
             TRACEPARENT_HEADER,
             AMQPValue::LongString("00-zz".into()),
         )]));
-        let request = Request::decode(&"fib".into(), &bad, false, Instant::now(), unix_time());
+        let request = Request::decode(&"fib".into(), &bad, FIRST, Instant::now(), unix_time());
         assert_eq!(request.trace, None);
         assert!(request.trace_ignored.is_some());
         // A good parent with a bad state keeps the parent.
@@ -339,7 +434,7 @@ mod tests {
         let request = Request::decode(
             &"fib".into(),
             &long_state,
-            false,
+            FIRST,
             Instant::now(),
             unix_time(),
         );
@@ -412,8 +507,17 @@ mod tests {
             let now = *rng
                 .choice(&[Duration::ZERO, unix_time(), Duration::MAX])
                 .unwrap();
-            let request =
-                Request::decode(&"fib".into(), &properties, rng.bool(), Instant::now(), now);
+            let request = Request::decode(
+                &"fib".into(),
+                &properties,
+                (
+                    rng.bool(),
+                    *rng.choice(&[Stamps::DeliveryCount, Stamps::AcquiredCount])
+                        .unwrap(),
+                ),
+                Instant::now(),
+                now,
+            );
             assert!(has_deadline || request.deadline == Ok(None));
             if let Some(trace) = &request.trace {
                 assert!(
@@ -432,18 +536,20 @@ mod tests {
             ("x-delivery-count", AMQPValue::LongLongInt(99)),
             ("x-acquired-count", AMQPValue::LongLongInt(99)),
         ]);
-        assert_eq!(delivery_count(false, Some(&forged)), 0);
-        assert_eq!(delivery_count(false, None), 0);
+        for stamps in [V3, V4] {
+            assert_eq!(delivery_count(false, stamps, Some(&forged)), 0);
+            assert_eq!(delivery_count(false, stamps, None), 0);
+        }
     }
 
     #[test]
     fn a_redelivery_counts_what_rabbitmq_3_stamps() {
         // 3.x: x-delivery-count on every redelivery, as a long.
         let stamped = headers(&[("x-delivery-count", AMQPValue::LongLongInt(3))]);
-        assert_eq!(delivery_count(true, Some(&stamped)), 3);
+        assert_eq!(delivery_count(true, V3, Some(&stamped)), 3);
         // A classic queue stamps nothing: a redelivery counts one.
-        assert_eq!(delivery_count(true, None), 1);
-        assert_eq!(delivery_count(true, Some(&headers(&[]))), 1);
+        assert_eq!(delivery_count(true, V3, None), 1);
+        assert_eq!(delivery_count(true, V3, Some(&headers(&[]))), 1);
     }
 
     #[test]
@@ -454,15 +560,15 @@ mod tests {
             ("x-acquired-count", AMQPValue::LongLongInt(5)),
             ("x-delivery-count", AMQPValue::LongLongInt(0)),
         ]);
-        assert_eq!(delivery_count(true, Some(&after_deaths)), 5);
+        assert_eq!(delivery_count(true, V4, Some(&after_deaths)), 5);
         let only_acquired = headers(&[("x-acquired-count", AMQPValue::LongLongInt(2))]);
-        assert_eq!(delivery_count(true, Some(&only_acquired)), 2);
+        assert_eq!(delivery_count(true, V4, Some(&only_acquired)), 2);
         // Failures reported with basic.reject count in both.
         let rejected = headers(&[
             ("x-acquired-count", AMQPValue::LongLongInt(4)),
             ("x-delivery-count", AMQPValue::LongLongInt(4)),
         ]);
-        assert_eq!(delivery_count(true, Some(&rejected)), 4);
+        assert_eq!(delivery_count(true, V4, Some(&rejected)), 4);
     }
 
     #[test]
@@ -473,9 +579,56 @@ mod tests {
             ("x-acquired-count", AMQPValue::LongLongInt(0)),
             ("x-delivery-count", AMQPValue::LongLongInt(4)),
         ]);
-        assert_eq!(delivery_count(true, Some(&lowered)), 4);
+        for stamps in [V3, V4] {
+            assert_eq!(delivery_count(true, stamps, Some(&lowered)), 4);
+        }
         let garbage = headers(&[("x-acquired-count", AMQPValue::LongString("many".into()))]);
-        assert_eq!(delivery_count(true, Some(&garbage)), 1);
+        assert_eq!(delivery_count(true, V4, Some(&garbage)), 1);
+    }
+
+    #[test]
+    fn a_header_rabbitmq_3_does_not_stamp_is_the_callers_and_not_read() {
+        // On 3.x an x-acquired-count can only be the caller's.
+        let forged = headers(&[("x-acquired-count", AMQPValue::LongLongInt(99))]);
+        assert_eq!(delivery_count(true, V3, Some(&forged)), 1);
+        assert_eq!(delivery_count(true, V4, Some(&forged)), 99);
+        let both = headers(&[
+            ("x-acquired-count", AMQPValue::LongLongInt(99)),
+            ("x-delivery-count", AMQPValue::LongLongInt(2)),
+        ]);
+        assert_eq!(delivery_count(true, V3, Some(&both)), 2);
+    }
+
+    #[test]
+    fn the_broker_version_says_what_it_stamps() {
+        assert_eq!(Stamps::of_version(Some("3.10.8")), V3);
+        assert_eq!(Stamps::of_version(Some("3.13.7")), V3);
+        assert_eq!(Stamps::of_version(Some("4.0.0")), V4);
+        assert_eq!(Stamps::of_version(Some("4.3.1-beta.2")), V4);
+        // Unknown: believe only what every version stamps.
+        assert_eq!(Stamps::of_version(None), V3);
+        assert_eq!(Stamps::of_version(Some("garbage")), V3);
+    }
+
+    #[test]
+    fn a_stamp_the_request_cannot_have_gives_no_queue_wait() {
+        let now = Duration::from_secs(1_800_000_000);
+        let second = Duration::from_secs(1);
+        // 1970: older than any request can be.
+        assert_eq!(queued(0, None, now), None);
+        assert_eq!(queued(1, Some(second * 30), now), None);
+        // The future (clocks differ).
+        assert_eq!(queued(now.as_secs() + 5, None, now), None);
+        // Within its expiration (and the second a stamp rounds off).
+        let stamp = now.as_secs() - 20;
+        assert_eq!(queued(stamp, Some(second * 30), now), Some(second * 20));
+        assert_eq!(queued(stamp, Some(second * 10), now), None);
+        assert_eq!(queued(stamp, None, now), Some(second * 20));
+        // In milliseconds, as some clients send.
+        let millis = now.as_millis() as u64 - 1500;
+        assert_eq!(queued(millis, None, now), Some(Duration::from_millis(1500)));
+        let day = MAX_QUEUED.as_secs();
+        assert_eq!(queued(now.as_secs() - day - 1, None, now), None);
     }
 
     #[test]

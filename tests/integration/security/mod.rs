@@ -8,6 +8,7 @@ mod cache;
 mod callers;
 mod deploys;
 mod http;
+mod isolation;
 mod permissions;
 mod rabbitmq4;
 

@@ -186,6 +186,7 @@ pub async fn run(settings: Settings) -> Comparison {
         }
         reports.extend([on_node, on_peer]);
     }
+    rows.push(hostile_reply_to(&node_exchange, settings.duration).await);
     let on_node = bench(
         &node_exchange,
         "fibrec",
@@ -279,6 +280,48 @@ pub async fn run(settings: Settings) -> Comparison {
     });
     rows.extend(fan_out(settings).await);
     Comparison { rows, reports }
+}
+
+/// Honest calls/s with 100 hostile requests a second arriving beside them
+/// (`reply_to` names RabbitMQ closes a publisher's connection over, and the
+/// fleet's own queues), against the same node's calls/s without, measured
+/// in turn.
+async fn hostile_reply_to(exchange: &str, duration: Duration) -> Row {
+    let quiet = bench(exchange, "fib", "10", "55", 16, duration);
+    let attacker = super::raw::RawClient::connect().await;
+    let attacking = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let topology = wasmrpc::wire::Topology::new(exchange);
+    let attack = {
+        let attacking = attacking.clone();
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(Duration::from_millis(10));
+            let mut n = 0u64;
+            while attacking.load(std::sync::atomic::Ordering::Relaxed) {
+                ticks.tick().await;
+                let reply_to = match n % 3 {
+                    0 => format!("amq.rabbitmq.reply-to.AAAA{n}.key"),
+                    1 => super::raw::direct_reply_to_for_node(&format!("reply@{}", 1_000_000 + n)),
+                    _ => topology.dead_queue(),
+                };
+                let properties = lapin::BasicProperties::default()
+                    .with_reply_to(reply_to.as_str().into())
+                    .with_correlation_id("hostile".into());
+                attacker
+                    .publish(topology.exchange(), "fib", b"10", properties)
+                    .await;
+                n += 1;
+            }
+        })
+    };
+    let attacked = bench(exchange, "fib", "10", "55", 16, duration);
+    attacking.store(false, std::sync::atomic::Ordering::Relaxed);
+    attack.await.unwrap();
+    Row {
+        what: "honest calls/s, 16 in flight, 100 hostile reply_to/s (vs none)".into(),
+        node: attacked.calls_per_s,
+        native: Some(quiet.calls_per_s),
+        target: Some(Target::RatioAtLeast(0.8)),
+    }
 }
 
 /// A node process as the bench measures it: its own default settings, and

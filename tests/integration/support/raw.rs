@@ -156,3 +156,15 @@ pub fn header_string(delivery: &Delivery, name: &str) -> Option<String> {
 pub fn body(delivery: &Delivery) -> String {
     String::from_utf8_lossy(&delivery.data).into_owned()
 }
+
+/// A direct reply-to name as RabbitMQ (3.10 and later) makes them, for a
+/// consumer on broker node `node` (`reply@HASH`): well formed, but a broker
+/// that has no such node closes the publisher's connection over a reply.
+pub fn direct_reply_to_for_node(node: &str) -> String {
+    let mut term = vec![131, 88, 118];
+    term.extend((node.len() as u16).to_be_bytes());
+    term.extend(node.as_bytes());
+    term.extend([0, 0, 2, 255, 0, 0, 0, 0, 107, 23, 62, 135]);
+    let pid = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, term);
+    format!("amq.rabbitmq.reply-to.{pid}.EP1TC5pn3F+neaeXxONm5A==")
+}
