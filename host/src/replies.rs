@@ -45,7 +45,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::amqp::{self, Brokers};
 use crate::logging::Escaped;
-use crate::reply_to::{Nodes, Refusal, ReplyRules, Route, Standing};
+use crate::reply_to::{BadReplyTo, Nodes, ReplyRules, Route, Standing};
 
 /// Why a reply did not go out.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -67,7 +67,7 @@ pub enum ReplyError {
     Abandoned,
     /// Its `reply_to` is refused before anything is published.
     #[error("{0}: nothing was published")]
-    Forbidden(Refusal),
+    Forbidden(BadReplyTo),
 }
 
 /// How long replies may wait with none of them confirmed, or the reply

@@ -47,7 +47,7 @@ pub struct BrokerNode(Vec<u8>);
 
 /// Why a `reply_to` is refused before anything is published.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Refusal {
+pub enum BadReplyTo {
     /// It names a queue of the fleet itself.
     FleetQueue,
     /// The operator's patterns do not allow it.
@@ -56,23 +56,25 @@ pub enum Refusal {
     Malformed,
 }
 
-impl Refusal {
+impl BadReplyTo {
     /// As the `reason` label of `wasmrpc_replies_refused_total` shows it.
     pub fn as_str(self) -> &'static str {
         match self {
-            Refusal::FleetQueue => "fleet_queue",
-            Refusal::NotAllowed => "not_allowed",
-            Refusal::Malformed => "malformed",
+            BadReplyTo::FleetQueue => "fleet_queue",
+            BadReplyTo::NotAllowed => "not_allowed",
+            BadReplyTo::Malformed => "malformed",
         }
     }
 }
 
-impl std::fmt::Display for Refusal {
+impl std::fmt::Display for BadReplyTo {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
-            Refusal::FleetQueue => "reply_to names a queue of the fleet itself",
-            Refusal::NotAllowed => "reply_to is not one this node's --reply-to patterns allow",
-            Refusal::Malformed => "reply_to is not a direct reply-to name the broker can have made",
+            BadReplyTo::FleetQueue => "reply_to names a queue of the fleet itself",
+            BadReplyTo::NotAllowed => "reply_to is not one this node's --reply-to patterns allow",
+            BadReplyTo::Malformed => {
+                "reply_to is not a direct reply-to name the broker can have made"
+            }
         })
     }
 }
@@ -142,21 +144,21 @@ impl ReplyRules {
     }
 
     /// Where a reply to `reply_to` goes, or why it goes nowhere.
-    pub fn check(&self, reply_to: &str) -> Result<Route, Refusal> {
+    pub fn check(&self, reply_to: &str) -> Result<Route, BadReplyTo> {
         let fleet = reply_to
             .strip_prefix(self.exchange.as_str())
             .is_some_and(|rest| rest.is_empty() || rest.starts_with('.'));
         if fleet {
-            return Err(Refusal::FleetQueue);
+            return Err(BadReplyTo::FleetQueue);
         }
         if !self.allow.is_empty() && !self.allow.iter().any(|p| p.matches(reply_to)) {
-            return Err(Refusal::NotAllowed);
+            return Err(BadReplyTo::NotAllowed);
         }
         match reply_to.strip_prefix(DIRECT_PREFIX) {
             None => Ok(Route::Queue),
             Some(suffix) => direct_node(suffix)
                 .map(Route::Direct)
-                .ok_or(Refusal::Malformed),
+                .ok_or(BadReplyTo::Malformed),
         }
     }
 }
@@ -322,7 +324,7 @@ mod tests {
                 base64::engine::general_purpose::STANDARD.encode(b"\x83d\x00\x03foo")
             ),
         ] {
-            assert_eq!(rules("").check(&name), Err(Refusal::Malformed), "{name}");
+            assert_eq!(rules("").check(&name), Err(BadReplyTo::Malformed), "{name}");
         }
     }
 
@@ -335,7 +337,7 @@ mod tests {
             "wasmrpc.module.fib",
             "wasmrpc.unrouted",
         ] {
-            assert_eq!(rules.check(name), Err(Refusal::FleetQueue), "{name}");
+            assert_eq!(rules.check(name), Err(BadReplyTo::FleetQueue), "{name}");
         }
         // Another fleet's name that merely starts the same is not this one's.
         assert_eq!(rules.check("wasmrpc-other.dead"), Ok(Route::Queue));
@@ -350,14 +352,17 @@ mod tests {
             rules.check(&direct("reply@1", 118)),
             Ok(Route::Direct(_))
         ));
-        assert_eq!(rules.check("orders"), Err(Refusal::NotAllowed));
+        assert_eq!(rules.check("orders"), Err(BadReplyTo::NotAllowed));
         assert_eq!(
             rules.check("amq.rabbitmq.reply-to"),
-            Err(Refusal::NotAllowed)
+            Err(BadReplyTo::NotAllowed)
         );
         // The fleet's queues stay refused whatever the patterns say.
         let everything = super::ReplyRules::new("wasmrpc", vec![Pattern::new("*").unwrap()]);
-        assert_eq!(everything.check("wasmrpc.dead"), Err(Refusal::FleetQueue));
+        assert_eq!(
+            everything.check("wasmrpc.dead"),
+            Err(BadReplyTo::FleetQueue)
+        );
     }
 
     #[test]

@@ -148,6 +148,9 @@ async fn hostile_reply_to_names_cost_honest_callers_nothing() {
 
     // Honest callers kept their pace (loosely: the benchmark measures it).
     let ratio = during as f64 / before as f64;
+    eprintln!(
+        "honest answers in 2 s: {before} quiet, {during} beside {sent} hostile ({ratio:.2}x)"
+    );
     assert!(
         ratio >= 0.5,
         "honest answers fell from {before} to {during} in 2 s ({ratio:.2}x)"
@@ -520,6 +523,11 @@ async fn the_fan_out_attack_costs_a_node_little_memory() {
         assert_eq!(reply.error.as_deref(), Some("guest_error"));
     }
     let grown = node.peak_rss().saturating_sub(before);
+    eprintln!(
+        "three fan-outs of 64 x 16 MB: peak RSS {} MiB above {} MiB",
+        grown >> 20,
+        before >> 20
+    );
     assert!(
         grown < 512 << 20,
         "three fan-outs raised the node's peak memory by {} MiB",
