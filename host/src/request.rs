@@ -253,12 +253,10 @@ async fn handle_in_span(
         Target::Unrouted => Outcome {
             reply: unrouted(delivery.routing_key.as_str()),
             settlement: Settlement::Ack,
-            ran: None,
         },
         Target::Failed(name, why) => Outcome {
             reply: load_failed(&name, &why),
             settlement: Settlement::Ack,
-            ran: None,
         },
         Target::Forward(name) => {
             forward(context, request, &delivery, ticket, &name).await;
@@ -290,8 +288,10 @@ async fn handle_in_span(
     else {
         return;
     };
-    if let Some(name) = outcome.ran {
-        context.node.stats.record(&name, reply.error.is_some());
+    // The stats (`wasmrpc modules`) count what the metrics count: every
+    // answered request for a module served, refused ones included.
+    if let Some(name) = &module {
+        context.node.stats.record(name, reply.error.is_some());
     }
     count(context, module.as_ref(), reply.error);
     let elapsed_ms = (received.elapsed().as_secs_f64() * 1e5).round() / 100.0;
@@ -327,8 +327,6 @@ fn count(context: &Context, module: Option<&ModuleName>, error: Option<ErrorKind
 struct Outcome {
     reply: Response,
     settlement: Settlement,
-    /// The module that ran, for the stats: a call counts once answered.
-    ran: Option<ModuleName>,
 }
 
 /// What became of a request for a module.
@@ -353,7 +351,6 @@ async fn run_module(
         return Handled::Answer(Outcome {
             reply,
             settlement: Settlement::DeadLetter,
-            ran: None,
         });
     }
     // As if it broke while it ran: after the poison check.
@@ -375,7 +372,6 @@ async fn run_module(
                     format!("{}: {message}", module.name),
                 ),
                 settlement: Settlement::Ack,
-                ran: None,
             });
         }
     };
@@ -394,7 +390,6 @@ async fn run_module(
                 ..Response::error(ErrorKind::from(&error), format!("{}: {error}", module.name))
             },
             settlement: Settlement::Ack,
-            ran: Some(module.name.clone()),
         });
     }
     let admission = &context.node.admission;
@@ -431,7 +426,6 @@ async fn run_module(
     Handled::Answer(Outcome {
         reply,
         settlement: Settlement::Ack,
-        ran: Some(module.name.clone()),
     })
 }
 

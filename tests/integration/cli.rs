@@ -276,7 +276,7 @@ async fn ping_and_modules_list_the_live_nodes_and_what_they_serve() {
             (node.concurrency, node.instances),
             (concurrency, 4 * concurrency)
         );
-        assert!(!node.takes_deploys && node.deploy_limit.is_none());
+        assert!(!node.accepts_deploys && node.deploy_limit.is_none());
     }
     assert_eq!(
         fib_calls, 3,
@@ -333,6 +333,19 @@ async fn completions_are_printed_for_each_shell() {
     }
     let output = run(wasmrpc("unused", &["completions", "tcsh"])).await;
     assert_eq!(output.status.code(), Some(2));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn completions_end_quietly_when_the_reader_stops_early() {
+    // As `wasmrpc completions bash | head -3`, with the reader gone before
+    // the first write: every write fails with a broken pipe.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let mut command = wasmrpc("unused", &["completions", "bash"]);
+    command.stdout(writer);
+    let output = run(command).await;
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
+    assert_eq!(text(&output.stderr), "");
 }
 
 #[tokio::test(flavor = "multi_thread")]

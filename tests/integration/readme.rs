@@ -402,3 +402,64 @@ fn a_readme_table_matches_by_the_shape_of_what_varies() {
     any.push("...".into());
     assert_eq!(matches(&any, &more), Ok(()));
 }
+
+/// The README's Rust module (`upper`), pasted as written where its
+/// `cp wit/...` says, at the repository's root (here, in a folder of the
+/// repository's `target/`: inside the workspace all the same), builds with
+/// the command it gives into a module that runs.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_readme_rust_recipe_builds_where_it_says() {
+    let blocks = blocks();
+    let file = |first_line: &str| {
+        blocks
+            .iter()
+            .find(|block| block.text.starts_with(first_line))
+            .unwrap_or_else(|| panic!("README.md has no block starting {first_line:?}"))
+            .text
+            .clone()
+    };
+    let root = guests::repo()
+        .join("target")
+        .join(format!("readme-recipe-{}", uuid::Uuid::new_v4().simple()));
+    let upper = root.join("upper");
+    std::fs::create_dir_all(upper.join("src")).unwrap();
+    std::fs::create_dir_all(upper.join("wit")).unwrap();
+    std::fs::write(upper.join("src/lib.rs"), file("// upper/src/lib.rs")).unwrap();
+    std::fs::write(upper.join("Cargo.toml"), file("# upper/Cargo.toml")).unwrap();
+    std::fs::copy(
+        guests::repo().join("wit/wasmrpc.wit"),
+        upper.join("wit/wasmrpc.wit"),
+    )
+    .unwrap();
+    let mut build = Command::new("cargo");
+    build
+        .args(["build", "--release", "--target", "wasm32-wasip2"])
+        .current_dir(&upper)
+        .env(
+            "CARGO_TARGET_DIR",
+            guests::repo().join("guests/target/new-projects"),
+        )
+        .env_remove("RUSTFLAGS")
+        .env_remove("CARGO_BUILD_TARGET");
+    let built = tokio::task::spawn_blocking(move || build.output().unwrap())
+        .await
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&root);
+    assert!(
+        built.status.success(),
+        "{}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    let module = guests::repo().join("guests/target/new-projects/wasm32-wasip2/release/upper.wasm");
+    let mut command = Command::new(env!("CARGO_BIN_EXE_wasmrpc"));
+    command.args(["run", "--no-cache"]).arg(module).arg("hello");
+    let output = tokio::task::spawn_blocking(move || command.output().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout),
+        "HELLO\n",
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}

@@ -18,6 +18,17 @@ pub(super) struct CompletionsArgs {
 }
 
 pub(super) fn run(args: CompletionsArgs, mut cli: clap::Command) -> Result<(), Failure> {
-    clap_complete::generate(args.shell, &mut cli, "wasmrpc", &mut std::io::stdout());
-    Ok(())
+    use std::io::Write as _;
+    // Into memory first: clap_complete panics on a failed write, and a
+    // reader that stops early (`| head`) closes the pipe.
+    let mut script = Vec::new();
+    clap_complete::generate(args.shell, &mut cli, "wasmrpc", &mut script);
+    let mut stdout = std::io::stdout().lock();
+    match stdout.write_all(&script).and_then(|()| stdout.flush()) {
+        Err(error) if error.kind() != std::io::ErrorKind::BrokenPipe => Err(Failure::Failed(
+            anyhow::anyhow!("failed to write the completions: {error}"),
+        )),
+        // Whoever closed the pipe has what it wanted.
+        _ => Ok(()),
+    }
 }

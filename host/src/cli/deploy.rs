@@ -181,7 +181,9 @@ async fn send(order: Order, signing: Signing, global: &Global) -> Result<(), Fai
         .await
         .map_err(broker)?
         .into_iter()
-        .filter(|node| node.value.takes_deploys && vouched(&node.user, &signing.node_user).is_ok())
+        .filter(|node| {
+            node.value.accepts_deploys && vouched(&node.user, &signing.node_user).is_ok()
+        })
         .collect();
     if takers.is_empty() {
         return Err(Failure::Timeout(anyhow::anyhow!(
@@ -430,6 +432,7 @@ mod tests {
                 concurrency: 1,
                 instances: 4,
                 running: 0,
+                accepts_deploys: true,
                 takes_deploys: true,
                 deploy_limit: Some(64 << 20),
                 modules: Vec::new(),

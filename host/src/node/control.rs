@@ -146,6 +146,7 @@ fn status(shared: &Shared) -> NodeStatus {
         concurrency: shared.identity.concurrency,
         instances: shared.identity.instances,
         running: *shared.shown.stats.running().borrow(),
+        accepts_deploys: shared.modules.deploys.is_some(),
         takes_deploys: shared.modules.deploys.is_some(),
         deploy_limit: shared
             .modules

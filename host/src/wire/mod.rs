@@ -179,8 +179,13 @@ pub struct NodeStatus {
     pub instances: u32,
     /// Requests in progress now.
     pub running: usize,
-    /// Whether it takes deploy orders (`serve --accept-deploys`).
-    #[serde(default)]
+    /// Whether it takes deploy orders (`serve --accept-deploys`); read
+    /// from `takes_deploys` too, as nodes before this release named it.
+    #[serde(default, alias = "takes_deploys")]
+    pub accepts_deploys: bool,
+    /// `accepts_deploys` under its old name, written for readers of
+    /// `--json` made against it; it goes in the next release.
+    #[serde(default, skip_deserializing)]
     pub takes_deploys: bool,
     /// The largest module it takes in a deploy (`--deploy-limit`), if it
     /// takes deploys; its control queue holds orders up to twice that and
@@ -310,6 +315,17 @@ impl From<&CallError> for ErrorKind {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_status_says_accepts_deploys_as_the_flag_does_and_reads_the_old_name() {
+        let old = r#"{"node":"n","host":"h","version":"0.1.0","uptime_ms":1,
+            "concurrency":2,"running":0,"takes_deploys":true,"modules":[]}"#;
+        let status: NodeStatus = serde_json::from_str(old).unwrap();
+        assert!(status.accepts_deploys);
+        let shown = serde_json::to_value(&status).unwrap();
+        assert_eq!(shown["accepts_deploys"], true);
+        assert!(shown.get("takes_deploys").is_some());
+    }
 
     #[test]
     fn error_kinds_round_trip_through_their_header_value() {
