@@ -45,7 +45,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::amqp::{self, Brokers};
 use crate::logging::Escaped;
-use crate::reply_to::{BadReplyTo, Nodes, ReplyRules, Route, Standing};
+use crate::reply_to::{Admission, BadReplyTo, BrokerNode, Nodes, ReplyRules, Route};
 
 /// Why a reply did not go out.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -303,50 +303,60 @@ impl Replies {
                 .send_as(to, properties, body, abandon, vouch)
                 .await;
         };
-        let standing = || {
+        let admit = || {
             self.nodes
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
-                .standing(&node)
+                .admit(&node)
         };
-        match standing() {
-            Standing::Known => {
+        match admit() {
+            Admission::Known => {
                 return self
                     .main
                     .send_as(to, properties, body, abandon, vouch)
                     .await;
             }
-            Standing::Refused => return Err(refused_lately()),
-            Standing::Unknown => {}
+            Admission::Refused => return Err(refused_lately()),
+            Admission::Unproven => return Err(ReplyError::Forbidden(BadReplyTo::Unproven)),
+            Admission::Trial => {}
         }
         let Some(_turn) = abandon.run_until_cancelled(self.turn.lock()).await else {
+            self.tried(&node, None);
             return Err(ReplyError::Abandoned);
         };
         // The reply on trial before this one may have settled it.
-        match standing() {
-            Standing::Known => {
+        match admit() {
+            Admission::Known => {
+                self.tried(&node, None);
                 return self
                     .main
                     .send_as(to, properties, body, abandon, vouch)
                     .await;
             }
-            Standing::Refused => return Err(refused_lately()),
-            Standing::Unknown => {}
+            Admission::Refused => return Err(refused_lately()),
+            Admission::Unproven | Admission::Trial => {}
         }
         let sent = self
             .trial
             .send_as(to, properties, body, abandon, vouch)
             .await;
-        let mut nodes = self.nodes.lock().unwrap_or_else(PoisonError::into_inner);
-        match &sent {
+        let reached = match &sent {
             Ok(()) => {
                 tracing::debug!(node = ?node, "a reply reached a broker node: replies to it share the main lane now");
-                nodes.reached(node);
+                Some(true)
             }
-            Err(ReplyError::Refused(_)) => nodes.refused(node),
-            Err(_) => {}
-        }
+            Err(ReplyError::Refused(_)) => Some(false),
+            Err(_) => None,
+        };
+        self.tried(&node, reached);
         sent
+    }
+
+    fn tried(&self, node: &BrokerNode, reached: Option<bool>) {
+        self.nodes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .tried(node, reached);
     }
 }
 

@@ -54,6 +54,9 @@ pub enum BadReplyTo {
     NotAllowed,
     /// A direct reply-to name the broker cannot have made.
     Malformed,
+    /// A direct reply-to name for a broker node no reply has reached, past
+    /// the few such names a node tries a second.
+    Unproven,
 }
 
 impl BadReplyTo {
@@ -63,6 +66,7 @@ impl BadReplyTo {
             BadReplyTo::FleetQueue => "fleet_queue",
             BadReplyTo::NotAllowed => "not_allowed",
             BadReplyTo::Malformed => "malformed",
+            BadReplyTo::Unproven => "unproven",
         }
     }
 }
@@ -74,6 +78,10 @@ impl std::fmt::Display for BadReplyTo {
             BadReplyTo::NotAllowed => "reply_to is not one this node's --reply-to patterns allow",
             BadReplyTo::Malformed => {
                 "reply_to is not a direct reply-to name the broker can have made"
+            }
+            BadReplyTo::Unproven => {
+                "reply_to names a broker node no reply has reached yet, and more such names came \
+                 this second than the node tries"
             }
         })
     }
@@ -200,6 +208,46 @@ fn atom(term: &[u8]) -> Option<(&[u8], &[u8])> {
     (rest.len() >= length).then(|| rest.split_at(length))
 }
 
+/// How many replies to broker nodes no reply has reached a node tries a
+/// second, and at once: each one RabbitMQ refuses costs the broker a
+/// connection (and an error report in its log), which costs every caller.
+const TRIALS_PER_SECOND: f64 = 2.0;
+const TRIALS_AT_ONCE: f64 = 5.0;
+
+/// When a reply may go out on trial: a token bucket.
+#[derive(Debug)]
+pub struct Trials {
+    tokens: f64,
+    last: Instant,
+}
+
+impl Default for Trials {
+    fn default() -> Trials {
+        Trials {
+            tokens: TRIALS_AT_ONCE,
+            last: Instant::now(),
+        }
+    }
+}
+
+impl Trials {
+    /// Whether one more reply may go out on trial now.
+    pub fn take(&mut self) -> bool {
+        self.take_at(Instant::now())
+    }
+
+    fn take_at(&mut self, now: Instant) -> bool {
+        let earned = now.saturating_duration_since(self.last).as_secs_f64() * TRIALS_PER_SECOND;
+        self.tokens = (self.tokens + earned).min(TRIALS_AT_ONCE);
+        self.last = now;
+        if self.tokens < 1.0 {
+            return false;
+        }
+        self.tokens -= 1.0;
+        true
+    }
+}
+
 /// How long a broker node stays refused after the broker refused a reply to
 /// it: a node hash no broker knows now may be one that joins the cluster.
 const REFUSED_FOR: Duration = Duration::from_secs(60);
@@ -216,6 +264,24 @@ pub struct Nodes {
     known: VecDeque<BrokerNode>,
     /// Nodes over which the broker refused a reply, and when.
     refused: VecDeque<(BrokerNode, Instant)>,
+    /// Nodes a reply is on trial for now (or waits to be): the replies to
+    /// them that come meanwhile wait for its outcome, and take no trial.
+    trying: Vec<BrokerNode>,
+    trials: Trials,
+}
+
+/// What a reply to a broker node may do now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Admission {
+    /// Go out with the others: a reply reached the node.
+    Known,
+    /// Nothing: the broker refused a reply to it moments ago.
+    Refused,
+    /// Go out on trial, in its turn.
+    Trial,
+    /// Nothing: no reply reached it, and the node tried as many such names
+    /// as it may for now.
+    Unproven,
 }
 
 /// Where a broker node stands with the reply path.
@@ -230,6 +296,33 @@ pub enum Standing {
 }
 
 impl Nodes {
+    /// What a reply to `node` may do: a node neither known nor refused
+    /// takes one of the few trials a second, unless a reply to it is on
+    /// trial already (then this one waits for that one's outcome).
+    pub fn admit(&mut self, node: &BrokerNode) -> Admission {
+        match self.standing(node) {
+            Standing::Known => Admission::Known,
+            Standing::Refused => Admission::Refused,
+            Standing::Unknown if self.trying.contains(node) => Admission::Trial,
+            Standing::Unknown if self.trials.take() => {
+                self.trying.push(node.clone());
+                Admission::Trial
+            }
+            Standing::Unknown => Admission::Unproven,
+        }
+    }
+
+    /// A reply to `node` on trial is over: it reached it (`Some(true)`),
+    /// the broker refused it (`Some(false)`), or neither (the path was down).
+    pub fn tried(&mut self, node: &BrokerNode, reached: Option<bool>) {
+        self.trying.retain(|trying| trying != node);
+        match reached {
+            Some(true) => self.reached(node.clone()),
+            Some(false) => self.refused(node.clone()),
+            None => {}
+        }
+    }
+
     pub fn standing(&self, node: &BrokerNode) -> Standing {
         if self.known.contains(node) {
             return Standing::Known;
@@ -245,7 +338,7 @@ impl Nodes {
     }
 
     /// A reply to `node` was confirmed.
-    pub fn reached(&mut self, node: BrokerNode) {
+    fn reached(&mut self, node: BrokerNode) {
         self.refused.retain(|(refused, _)| *refused != node);
         if !self.known.contains(&node) {
             if self.known.len() == MAX_KNOWN {
@@ -256,7 +349,7 @@ impl Nodes {
     }
 
     /// The broker refused a reply to `node`, sent alone.
-    pub fn refused(&mut self, node: BrokerNode) {
+    fn refused(&mut self, node: BrokerNode) {
         self.refused.retain(|(refused, _)| *refused != node);
         if self.refused.len() == MAX_REFUSED {
             self.refused.pop_front();
@@ -380,6 +473,42 @@ mod tests {
         assert!(matches("a*a", "aa"));
         assert!(!matches("a*a", "a"));
         assert!(Pattern::new("").is_err());
+    }
+
+    #[test]
+    fn only_a_few_replies_a_second_go_out_on_trial() {
+        let mut trials = Trials::default();
+        let start = trials.last;
+        let taken = (0..100).filter(|_| trials.take_at(start)).count();
+        assert_eq!(taken, TRIALS_AT_ONCE as usize);
+        // Ten seconds on: twenty more earned, but at most five at once.
+        let later = start + Duration::from_secs(10);
+        let taken = (0..100).filter(|_| trials.take_at(later)).count();
+        assert_eq!(taken, TRIALS_AT_ONCE as usize);
+        assert!(trials.take_at(later + Duration::from_millis(500)));
+        assert!(!trials.take_at(later + Duration::from_millis(500)));
+    }
+
+    #[test]
+    fn replies_to_a_node_on_trial_wait_for_it_and_take_no_trial() {
+        let mut nodes = Nodes::default();
+        let honest = BrokerNode(b"reply@1".to_vec());
+        // A first burst of replies to one node: one trial, the rest wait.
+        for _ in 0..100 {
+            assert_eq!(nodes.admit(&honest), Admission::Trial);
+        }
+        nodes.tried(&honest, Some(true));
+        assert_eq!(nodes.admit(&honest), Admission::Known);
+        // Made-up nodes, each a trial of its own: a few, then none.
+        let made_up: Vec<_> = (0..20u32)
+            .map(|n| nodes.admit(&BrokerNode(n.to_be_bytes().to_vec())))
+            .collect();
+        let trials = made_up.iter().filter(|a| **a == Admission::Trial).count();
+        assert_eq!(trials, TRIALS_AT_ONCE as usize - 1);
+        assert_eq!(made_up.last(), Some(&Admission::Unproven));
+        let bad = BrokerNode(0u32.to_be_bytes().to_vec());
+        nodes.tried(&bad, Some(false));
+        assert_eq!(nodes.admit(&bad), Admission::Refused);
     }
 
     #[test]
