@@ -101,6 +101,9 @@ pub enum Update {
     Removed(ModuleName),
     /// A module that is not served has a file that cannot be served; why.
     Failed(ModuleName, String),
+    /// A deploy of a module that is not served was refused, why: nothing is
+    /// left of it, and the requests that waited for it are answered so.
+    Refused(ModuleName, String),
 }
 
 /// Brings the registry in line with the files of the modules directory,
@@ -210,6 +213,62 @@ impl Loader {
         lock.lock_owned().await
     }
 
+    /// Says, before anything is compiled, that the module `stem` has a new
+    /// file and is not served: its queue is bound at once, so that requests
+    /// sent from now on wait for it however many modules compile first.
+    /// `reconcile` then loads it.
+    pub fn announce(&self, stem: &str) {
+        let Ok(name) = stem.parse::<ModuleName>() else {
+            return;
+        };
+        let path = self.dir.join(format!("{stem}.wasm"));
+        if self.registry.get(&name).is_some() || !path.exists() {
+            return;
+        }
+        if self.failed_already(&name, &FilesStamp::of(&path)) {
+            return;
+        }
+        self.start_loading(&name);
+    }
+
+    /// A deploy of `name` compiles: unless the module is served, its
+    /// requests wait for it, as for a file being loaded, until
+    /// [`Loader::deployed`].
+    pub fn deploying(&self, name: &ModuleName) {
+        if self.registry.get(name).is_none() {
+            self.start_loading(name);
+        }
+    }
+
+    /// The deploy of `name` is over: written and served, or refused for
+    /// `refused`, which the requests that waited for it hear.
+    pub fn deployed(&self, name: &ModuleName, refused: Option<&str>) {
+        let was_loading = self.loading.lock().expect("loader lock").remove(name);
+        if let Some(why) = refused
+            && was_loading
+            && self.registry.get(name).is_none()
+        {
+            self.report(Update::Refused(name.clone(), why.to_owned()));
+        }
+    }
+
+    fn start_loading(&self, name: &ModuleName) {
+        if self
+            .loading
+            .lock()
+            .expect("loader lock")
+            .insert(name.clone())
+        {
+            self.report(Update::Loading(name.clone()));
+        }
+    }
+
+    /// Whether these very files of `name` failed to load already.
+    fn failed_already(&self, name: &ModuleName, stamp: &Option<FilesStamp>) -> bool {
+        let failed = self.failed.lock().expect("loader lock");
+        matches!(failed.get(name), Some((_, Some(failed))) if stamp.as_ref() == Some(failed))
+    }
+
     fn report(&self, update: Update) {
         if let Some(updates) = &self.updates {
             let _ = updates.send(update);
@@ -274,29 +333,25 @@ impl Loader {
         let _changing = self.change(&name).await;
         let current = self.registry.get(&name);
         if !path.exists() {
-            self.failed.lock().expect("loader lock").remove(&name);
+            let failed = self.failed.lock().expect("loader lock").remove(&name);
             if let Some(removed) = self.registry.remove(&name) {
                 tracing::info!(module = %name, version = %removed.version, "module file removed: no longer serving it");
+                self.report(Update::Removed(name));
+            } else if failed.is_some() {
+                // Nothing left to stand in for.
                 self.report(Update::Removed(name));
             }
             return;
         }
         let stamp = FilesStamp::of(&path);
         if current.is_none() {
-            let failed = self.failed.lock().expect("loader lock");
-            if let Some((_, Some(failed))) = failed.get(&name)
-                && stamp.as_ref() == Some(failed)
-            {
+            if self.failed_already(&name, &stamp) {
                 // The very files that failed already (the watcher may tell
                 // of one change twice).
+                self.loading.lock().expect("loader lock").remove(&name);
                 return;
             }
-            drop(failed);
-            self.loading
-                .lock()
-                .expect("loader lock")
-                .insert(name.clone());
-            self.report(Update::Loading(name.clone()));
+            self.start_loading(&name);
         }
         let started = Instant::now();
         let loaded = self.load(&name, &path, current.as_deref()).await;

@@ -15,7 +15,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use lapin::message::Delivery;
 use lapin::types::AMQPValue;
@@ -35,7 +35,7 @@ use crate::settler::Ticket;
 use crate::stats::Stats;
 use crate::wire::reply::Response;
 use crate::wire::request::{Request, Stamps};
-use crate::wire::{ErrorKind, FORWARDS_HEADER, unix_time};
+use crate::wire::{ErrorKind, FORWARDS_HEADER, UNROUTED_HEADER, unix_time};
 
 /// A line about a request at `$level`, naming it (module and correlation
 /// id, escaped: both come from the caller), since its span is at debug and
@@ -87,6 +87,8 @@ pub(crate) struct Requests {
     pub requests_exchange: String,
     /// When a line about a refused `reply_to` is due.
     pub refused_replies: Burst,
+    /// Places for requests held to be looked at again ([`MAX_LOOKING_AGAIN`]).
+    pub looking_again: Semaphore,
     /// Cancelled when the node begins to shut down.
     pub stopping: CancellationToken,
 }
@@ -250,10 +252,16 @@ async fn handle_in_span(
         return;
     }
     let mut outcome = match target {
-        Target::Unrouted => Outcome {
-            reply: unrouted(delivery.routing_key.as_str()),
-            settlement: Settlement::Ack,
-        },
+        Target::Unrouted => {
+            if let Some(name) = worth_another_look(context, request) {
+                look_again(context, request, &delivery, ticket, &name).await;
+                return;
+            }
+            Outcome {
+                reply: unrouted(delivery.routing_key.as_str()),
+                settlement: Settlement::Ack,
+            }
+        }
         Target::Failed(name, why) => Outcome {
             reply: load_failed(&name, &why),
             settlement: Settlement::Ack,
@@ -662,6 +670,56 @@ pub(crate) async fn answer_unserved(
 /// exchange only while it is not.
 const MAX_FORWARDS: u64 = 20;
 
+/// How long a node that knows nothing of a module waits before it
+/// publishes a request for it once more: a node that has just found the
+/// module's file binds its queue within milliseconds.
+const LOOK_AGAIN_AFTER: Duration = Duration::from_millis(250);
+
+/// The most requests a node holds to look at again at once; past it, they
+/// are answered `not_found` at once (a flood of calls to modules nobody has
+/// costs a node no more than this).
+pub(crate) const MAX_LOOKING_AGAIN: usize = 16;
+
+/// The module of a request for a module this node knows nothing of, if it
+/// is worth publishing once more: it is a module name, it was not published
+/// again already, and the node has room to hold it meanwhile.
+fn worth_another_look(context: &Context, request: &Request) -> Option<ModuleName> {
+    let name = request.routing_key.as_str().parse::<ModuleName>().ok()?;
+    (request.unrouted == 0 && context.node.looking_again.available_permits() > 0).then_some(name)
+}
+
+/// Publishes a request for a module no node seemed to know once more, after
+/// [`LOOK_AGAIN_AFTER`]: it reaches the module's queue if a node bound it
+/// meanwhile (it found the module's file, or a deploy of it), or comes back
+/// through the alternate exchange marked, to be answered by whichever node
+/// takes it then (`not_found`, or what that node knows).
+async fn look_again(
+    context: &Context,
+    request: &Request,
+    delivery: &Delivery,
+    ticket: Ticket,
+    name: &ModuleName,
+) {
+    let Ok(_held) = context.node.looking_again.try_acquire() else {
+        // Taken meanwhile: answered as if it had come back.
+        let reply = unrouted(name.as_str());
+        if answer(context, request, None, ticket, reply, Settlement::Ack)
+            .await
+            .is_some()
+        {
+            count(context, None, Some(ErrorKind::NotFound));
+        }
+        return;
+    };
+    tokio::select! {
+        () = tokio::time::sleep(LOOK_AGAIN_AFTER) => {}
+        () = context.lost.cancelled() => return ticket.abandon(),
+        () = context.node.stopping.cancelled() => return ticket.settle(Settlement::Requeue),
+    }
+    let hops = (UNROUTED_HEADER, request.unrouted + 1);
+    republish(context, request, delivery, ticket, name, hops).await;
+}
+
 /// Publishes a request that came through the alternate exchange to the
 /// requests exchange again, where its module's queue is bound (or is about
 /// to be: the module is loading), then acks it; hands it back if that fails.
@@ -672,7 +730,6 @@ async fn forward(
     ticket: Ticket,
     name: &ModuleName,
 ) {
-    let headers = delivery.properties.headers().clone().unwrap_or_default();
     let forwards = request.forwards;
     if forwards >= MAX_FORWARDS {
         let reply = Response::error(
@@ -690,10 +747,31 @@ async fn forward(
         }
         return;
     }
-    let mut headers = headers;
+    republish(
+        context,
+        request,
+        delivery,
+        ticket,
+        name,
+        (FORWARDS_HEADER, forwards + 1),
+    )
+    .await;
+}
+
+/// Publishes a delivery to the requests exchange again as it came, with the
+/// header `count` says, then acks it; hands it back if that fails.
+async fn republish(
+    context: &Context,
+    request: &Request,
+    delivery: &Delivery,
+    ticket: Ticket,
+    name: &ModuleName,
+    count: (&str, u64),
+) {
+    let mut headers = delivery.properties.headers().clone().unwrap_or_default();
     headers.insert(
-        FORWARDS_HEADER.into(),
-        AMQPValue::LongLongInt(forwards as i64 + 1),
+        count.0.into(),
+        AMQPValue::LongLongInt(i64::try_from(count.1).unwrap_or(i64::MAX)),
     );
     let forwarded = context
         .node
@@ -708,7 +786,7 @@ async fn forward(
         .await;
     match forwarded {
         Ok(()) => {
-            tracing::debug!("came before its module's queue was bound: forwarded there");
+            tracing::debug!(header = count.0, "published again");
             ticket.settle(Settlement::Ack);
         }
         Err(ReplyError::Abandoned) => ticket.abandon(),

@@ -276,7 +276,7 @@ async fn ping_and_modules_list_the_live_nodes_and_what_they_serve() {
             (node.concurrency, node.instances),
             (concurrency, 4 * concurrency)
         );
-        assert!(!node.accepts_deploys && node.deploy_limit.is_none());
+        assert!(!node.accepts() && node.deploy_limit.is_none());
     }
     assert_eq!(
         fib_calls, 3,

@@ -180,3 +180,139 @@ async fn a_module_deployed_to_two_nodes_is_taken_by_both_and_served_at_once() {
         );
     }
 }
+
+/// Three nodes on one exchange, of which only the first gets `module`;
+/// the first takes deploys signed by `keys`.
+async fn three_nodes(keys: &crate::security::Keys) -> (String, [TestNode; 3]) {
+    let exchange = crate::support::unique("knows");
+    let trusted = keys.trusted();
+    let a = TestNode::setup(&["fib"])
+        .exchange(&exchange)
+        .config(move |config| config.accept_deploys = Some(trusted))
+        .start()
+        .await;
+    let b = TestNode::setup(&["fib"]).exchange(&exchange).start().await;
+    let c = TestNode::setup(&["fib"]).exchange(&exchange).start().await;
+    (exchange, [a, b, c])
+}
+
+/// `calls` calls of `module` with `input` through `client`, all at once.
+async fn at_once(
+    client: &Arc<wasmrpc::client::Client>,
+    module: &'static str,
+    input: &'static [u8],
+    calls: usize,
+) -> Vec<wasmrpc::client::Reply> {
+    let calls: Vec<_> = (0..calls)
+        .map(|_| {
+            let client = client.clone();
+            tokio::spawn(async move {
+                client
+                    .call(module, input, Duration::from_secs(120))
+                    .await
+                    .expect("no reply within two minutes")
+            })
+        })
+        .collect();
+    let mut replies = Vec::new();
+    for call in calls {
+        replies.push(call.await.unwrap());
+    }
+    replies
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn only_a_node_that_knows_a_module_says_what_became_of_it() {
+    let keys = crate::security::Keys::new().await;
+    let (exchange, [a, _b, _c]) = three_nodes(&keys).await;
+    let client = Arc::new(TestNode::client_for(&exchange).await);
+
+    // Nobody has it: not_found, within the second the contract promises.
+    let started = Instant::now();
+    let replies = at_once(&client, "nosuch", b"1", 3).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    for reply in &replies {
+        assert_eq!(reply.error.as_deref(), Some("not_found"));
+    }
+
+    // A slow-to-compile module dropped into one node's directory, called at
+    // once: every call waits for it, whichever node took it first.
+    let js = std::fs::read(guests::lang("jsstats")).unwrap();
+    install(a.modules_path(), "jsstats", &js);
+    let installed = Instant::now();
+    let replies = at_once(&client, "jsstats", b"[1, 2]", 6).await;
+    println!(
+        "6 calls made as jsstats was dropped in: answered after {:?}",
+        installed.elapsed()
+    );
+    for reply in replies {
+        assert_eq!(
+            (
+                reply.error.as_deref(),
+                String::from_utf8_lossy(&reply.body).trim()
+            ),
+            (None, r#"{"count":2,"sum":3,"mean":1.5,"min":1,"max":2}"#)
+        );
+    }
+
+    // A module that fails to load on one node: every call hears why.
+    install(a.modules_path(), "broken", b"not a module");
+    queue_declared(&a, "broken").await;
+    for reply in at_once(&client, "broken", b"1", 6).await {
+        let body = String::from_utf8_lossy(&reply.body).into_owned();
+        assert_eq!(reply.error.as_deref(), Some("load_failed"), "{body}");
+        assert!(body.contains("could not be loaded"), "{body}");
+    }
+    // And once its file is gone, nobody knows it.
+    std::fs::remove_file(a.modules_path().join("broken.wasm")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let reply = client
+            .call("broken", b"1", Duration::from_secs(10))
+            .await
+            .unwrap();
+        if reply.error.as_deref() == Some("not_found") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still {:?}", reply.error);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn calls_made_while_a_deploy_compiles_wait_for_it_on_any_node() {
+    use crate::security::{Keys, deployer, write};
+    let keys = Keys::new().await;
+    let (exchange, [a, _b, _c]) = three_nodes(&keys).await;
+    let client = Arc::new(TestNode::client_for(&exchange).await);
+    let dir = tempfile::tempdir().unwrap();
+    let js = std::fs::read(guests::lang("jsstats")).unwrap();
+    let module = write(dir.path(), "jsdeployed.wasm", &js);
+    let deploying = {
+        let (exchange, url) = (exchange.clone(), amqp_url());
+        tokio::spawn(async move { deployer(&url, &exchange, &keys, &["deploy", &module]).await })
+    };
+    // While it compiles on the one node that takes deploys, its queue holds
+    // the calls, which every node routes there.
+    queue_declared(&a, "jsdeployed").await;
+    let replies = at_once(&client, "jsdeployed", b"[4]", 6).await;
+    let deployed = deploying.await.unwrap();
+    assert_eq!(
+        deployed.code,
+        Some(0),
+        "{}{}",
+        deployed.stdout,
+        deployed.stderr
+    );
+    for reply in replies {
+        assert_eq!(
+            reply.error,
+            None,
+            "{}",
+            String::from_utf8_lossy(&reply.body)
+        );
+    }
+}

@@ -181,9 +181,7 @@ async fn send(order: Order, signing: Signing, global: &Global) -> Result<(), Fai
         .await
         .map_err(broker)?
         .into_iter()
-        .filter(|node| {
-            node.value.accepts_deploys && vouched(&node.user, &signing.node_user).is_ok()
-        })
+        .filter(|node| node.value.accepts() && vouched(&node.user, &signing.node_user).is_ok())
         .collect();
     if takers.is_empty() {
         return Err(Failure::Timeout(anyhow::anyhow!(

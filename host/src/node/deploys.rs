@@ -177,6 +177,17 @@ impl Deploys {
     }
 
     async fn deploy(&self, order: Order) -> Result<String, Refusal> {
+        // While it compiles, its requests wait for it in its queue, as for a
+        // file being loaded (unless a version of it serves meanwhile).
+        let name = order.name.clone();
+        self.loader.deploying(&name);
+        let deployed = self.compile_and_write(order).await;
+        let refused = deployed.as_ref().err().map(ToString::to_string);
+        self.loader.deployed(&name, refused.as_deref());
+        deployed
+    }
+
+    async fn compile_and_write(&self, order: Order) -> Result<String, Refusal> {
         let invalid = Refusal::Invalid;
         let manifest = match &order.manifest {
             Some(text) => toml::from_str::<Manifest>(text)

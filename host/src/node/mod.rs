@@ -244,6 +244,7 @@ impl Node {
             dead_queue: topology.dead_queue(),
             requests_exchange: topology.exchange().to_owned(),
             refused_replies: Burst::new(Duration::from_secs(10)),
+            looking_again: tokio::sync::Semaphore::new(crate::request::MAX_LOOKING_AGAIN),
             stopping: CancellationToken::new(),
         });
         let shared = Arc::new(Shared {
@@ -470,10 +471,21 @@ async fn open_session(
 /// Turns what the watcher saw into registry updates, one change at a time,
 /// and tells the node about each.
 async fn follow_changes(loader: Arc<Loader>, mut changes: mpsc::UnboundedReceiver<Change>) {
-    while let Some(change) = changes.recv().await {
-        match change {
-            Change::Module(stem) => loader.reconcile(&stem).await,
-            Change::Everything => loader.reconcile_all().await,
+    let mut batch = Vec::new();
+    while changes.recv_many(&mut batch, 256).await > 0 {
+        // Every new file is announced before any is compiled: a module
+        // dropped in beside others that compile for long waits with its
+        // queue bound, not unknown.
+        for change in &batch {
+            if let Change::Module(stem) = change {
+                loader.announce(stem);
+            }
+        }
+        for change in batch.drain(..) {
+            match change {
+                Change::Module(stem) => loader.reconcile(&stem).await,
+                Change::Everything => loader.reconcile_all().await,
+            }
         }
     }
 }

@@ -213,6 +213,12 @@ impl Session {
                 subscriptions.prepare(connection, &name).await?;
             }
         }
+        // Modules whose files failed to load here: their callers hear why.
+        for (name, _) in shared.modules.loader.failures() {
+            if shared.modules.registry.get(&name).is_none() {
+                subscriptions.stand_in(connection, &consume, &name).await?;
+            }
+        }
         let context = Arc::new(Context::for_session(&shared.requests, stamps));
         let lost = context.lost.clone();
         let session = Session {
@@ -344,10 +350,47 @@ impl Session {
                         ticket,
                     ));
                 }
+                None if self.subscriptions.standing_in(&name).is_some() => {
+                    self.stand_in(name, delivery, ticket, tasks).await;
+                }
                 // Left in a subscription being cancelled: the queue hands it to
                 // another node, or the last node out answers it.
                 None => ticket.settle(Settlement::Requeue),
             },
+        }
+    }
+
+    /// A request for a module this node stands in for (its file failed to
+    /// load here): answered why, unless another node consumes the queue,
+    /// which may serve it: then it goes back there, and this node steps
+    /// aside.
+    async fn stand_in(
+        &mut self,
+        name: ModuleName,
+        delivery: Delivery,
+        ticket: crate::settler::Ticket,
+        tasks: &TaskTracker,
+    ) {
+        let queue = self.shared.identity.topology.module_queue(&name);
+        let others = subscriptions::consumers(&self.connection, &queue)
+            .await
+            .is_none_or(|count| count > 1);
+        let failure = self.shared.modules.loader.failure(&name);
+        match (others, failure) {
+            (false, Some(why)) => {
+                let target = request::Target::Failed(name, why);
+                tasks.spawn(request::handle(
+                    self.context.clone(),
+                    target,
+                    delivery,
+                    ticket,
+                ));
+            }
+            _ => {
+                tracing::info!(module = %name, "another node consumes the module's queue: no longer standing in for it");
+                ticket.settle(Settlement::Requeue);
+                self.subscriptions.step_aside(&self.consume, &name).await;
+            }
         }
     }
 
@@ -400,6 +443,17 @@ impl Session {
             }
             Update::Failed(name, why) => {
                 let declared = self.subscriptions.failed(&name);
+                let stood = self
+                    .subscriptions
+                    .stand_in(&self.connection, &self.consume, &name)
+                    .await;
+                if let Err(error) = stood {
+                    tracing::warn!(module = %name, "cannot stand in for the module that failed to load: {error:#}");
+                    self.retire(name, declared, Some(why), tasks);
+                }
+            }
+            Update::Refused(name, why) => {
+                let declared = self.subscriptions.failed(&name);
                 self.retire(name, declared, Some(why), tasks);
             }
             Update::Added(name) => {
@@ -435,7 +489,9 @@ impl Session {
         {
             Ok(subscriptions::AfterEnd::Resubscribed) => {}
             Ok(subscriptions::AfterEnd::Retire(declared)) => {
-                self.retire(name, declared, None, tasks)
+                // A stand-in that stepped aside answers what is left as why.
+                let failure = self.shared.modules.loader.failure(&name);
+                self.retire(name, declared, failure, tasks)
             }
             Err(error) => tracing::error!(module = %name, "cannot serve the module: {error:#}"),
         }

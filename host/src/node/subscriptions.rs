@@ -8,6 +8,14 @@
 //! gone: the broker stops sending, the deliveries already here are handled,
 //! and the stream ends. If the file came back meanwhile the node subscribes
 //! again; if not, and no other node consumes the queue, the queue goes.
+//!
+//! A node whose file of a module fails to load *stands in* for it: it keeps
+//! the queue bound and consumes it at a lower priority than any node that
+//! serves the module, so the broker hands it a request only when no such
+//! node can take it; it answers `load_failed` with why, and steps aside as
+//! soon as it sees another consumer. So a request for a module that one
+//! node of the fleet failed to load hears why from that node, never
+//! `not_found` from one that merely lacks the file.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -41,7 +49,15 @@ enum Phase {
     Cancelling {
         come_back: bool,
     },
+    /// Its file failed to load here: consumed at a low priority, to answer
+    /// `load_failed` while no node serves it.
+    StandIn {
+        tag: String,
+    },
 }
+
+/// The consumer priority of a stand-in: below every serving node's (0).
+const STAND_IN_PRIORITY: i32 = -10;
 
 /// The modules whose queues a session wants, shared with its retirements.
 pub(super) type Wanted = Arc<std::sync::Mutex<std::collections::BTreeSet<ModuleName>>>;
@@ -151,6 +167,56 @@ impl Subscriptions {
         Ok(())
     }
 
+    /// The module's file failed to load: stands in for it (see the module's
+    /// documentation), declaring its queue if need be.
+    pub async fn stand_in(
+        &mut self,
+        connection: &Connection,
+        consume: &Channel,
+        name: &ModuleName,
+    ) -> anyhow::Result<()> {
+        match self.modules.get(name) {
+            None | Some(Phase::Prepared) => {}
+            // Served after all, or on its way out: nothing to stand in for.
+            Some(_) => return Ok(()),
+        }
+        let queue = self.declare(connection, name).await?;
+        let tag = self.tag(&format!("{name}-stand-in"));
+        let mut arguments = FieldTable::default();
+        arguments.insert(
+            "x-priority".into(),
+            lapin::types::AMQPValue::LongInt(STAND_IN_PRIORITY),
+        );
+        let deliveries = start_consuming_with(consume, &queue, &tag, arguments).await?;
+        self.modules.insert(name.clone(), Phase::StandIn { tag });
+        self.want(name, true);
+        self.streams
+            .insert(Source::Module(name.clone()), deliveries);
+        Ok(())
+    }
+
+    /// The tag of the module's stand-in consumer, if this node stands in.
+    pub fn standing_in(&self, name: &ModuleName) -> Option<&str> {
+        match self.modules.get(name) {
+            Some(Phase::StandIn { tag }) => Some(tag),
+            _ => None,
+        }
+    }
+
+    /// Steps aside as a stand-in: another node consumes the queue.
+    pub async fn step_aside(&mut self, consume: &Channel, name: &ModuleName) {
+        if let Some(Phase::StandIn { tag }) = self.modules.get(name) {
+            if let Err(error) = consume
+                .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+                .await
+            {
+                tracing::warn!(module = %name, "failed to cancel the stand-in: {error}");
+            }
+            self.modules
+                .insert(name.clone(), Phase::Cancelling { come_back: false });
+        }
+    }
+
     /// Declares the module's queue and consumes it.
     pub async fn subscribe(
         &mut self,
@@ -240,6 +306,23 @@ impl Subscriptions {
         )
     }
 
+    /// The module left the registry, or its files did: a stand-in for it
+    /// ends too (`removed` covers a served module).
+    async fn cancel(&mut self, consume: &Channel, name: &ModuleName, come_back: bool) {
+        let tag = match self.modules.get(name) {
+            Some(Phase::Active { tag } | Phase::StandIn { tag }) => tag.clone(),
+            _ => return,
+        };
+        if let Err(error) = consume
+            .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+            .await
+        {
+            tracing::warn!(module = %name, "failed to cancel the subscription: {error}");
+        }
+        self.modules
+            .insert(name.clone(), Phase::Cancelling { come_back });
+    }
+
     /// The module is (again) in the registry: subscribes to it, unless it
     /// has a subscription or gets one when its cancelled one ends.
     pub async fn added(
@@ -255,21 +338,18 @@ impl Subscriptions {
                 *come_back = true;
                 Ok(())
             }
+            // Its file loads now: consumed as a server once the stand-in ends.
+            Some(Phase::StandIn { .. }) => {
+                self.cancel(consume, name, true).await;
+                Ok(())
+            }
         }
     }
 
-    /// The module left the registry: stop the broker sending its requests.
+    /// The module left the registry (or its file that failed is gone):
+    /// stop the broker sending its requests.
     pub async fn removed(&mut self, consume: &Channel, name: &ModuleName) {
-        if let Some(Phase::Active { tag }) = self.modules.get(name) {
-            if let Err(error) = consume
-                .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
-                .await
-            {
-                tracing::warn!(module = %name, "failed to cancel the subscription: {error}");
-            }
-            self.modules
-                .insert(name.clone(), Phase::Cancelling { come_back: false });
-        }
+        self.cancel(consume, name, false).await;
     }
 
     /// The module's subscription has ended.
@@ -281,7 +361,10 @@ impl Subscriptions {
     ) -> anyhow::Result<AfterEnd> {
         self.streams.remove(&Source::Module(name.clone()));
         match self.modules.remove(name) {
-            Some(Phase::Cancelling { come_back: false } | Phase::Prepared) | None => {
+            Some(
+                Phase::Cancelling { come_back: false } | Phase::Prepared | Phase::StandIn { .. },
+            )
+            | None => {
                 self.want(name, false);
                 Ok(AfterEnd::Retire(self.declared.remove(name)))
             }
@@ -310,7 +393,7 @@ impl Subscriptions {
     /// Cancels every subscription, for shutdown.
     pub async fn cancel_all(&mut self, consume: &Channel) {
         let modules = self.modules.drain().filter_map(|(_, state)| match state {
-            Phase::Active { tag } => Some((consume.clone(), tag)),
+            Phase::Active { tag } | Phase::StandIn { tag } => Some((consume.clone(), tag)),
             Phase::Prepared | Phase::Cancelling { .. } => None,
         });
         for (channel, tag) in modules.chain(self.others.drain(..)).collect::<Vec<_>>() {
@@ -339,8 +422,35 @@ async fn start_consuming(
         no_ack,
         ..BasicConsumeOptions::default()
     };
+    consume_with(channel, queue, tag, options, FieldTable::default()).await
+}
+
+/// Consumes `queue` with acks and consumer `arguments` (a priority).
+async fn start_consuming_with(
+    channel: &Channel,
+    queue: &str,
+    tag: &str,
+    arguments: FieldTable,
+) -> anyhow::Result<Deliveries> {
+    consume_with(
+        channel,
+        queue,
+        tag,
+        BasicConsumeOptions::default(),
+        arguments,
+    )
+    .await
+}
+
+async fn consume_with(
+    channel: &Channel,
+    queue: &str,
+    tag: &str,
+    options: BasicConsumeOptions,
+    arguments: FieldTable,
+) -> anyhow::Result<Deliveries> {
     let consumer = channel
-        .basic_consume(queue.into(), tag.into(), options, FieldTable::default())
+        .basic_consume(queue.into(), tag.into(), options, arguments)
         .await
         .with_context(|| format!("failed to consume queue {queue:?}"))?;
     Ok(Box::pin(consumer.map(Some).chain(tokio_stream::once(None))))
@@ -450,6 +560,22 @@ pub(super) async fn retire(
     if let Err(error) = result {
         tracing::warn!(module = %name, "failed to retire the module's queue: {error:#}");
     }
+}
+
+/// How many consumers `queue` has, as a passive declaration tells (on a
+/// channel of its own); `None` if it cannot be told.
+pub(super) async fn consumers(connection: &Connection, queue: &str) -> Option<u32> {
+    let channel = connection.create_channel().await.ok()?;
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..QueueDeclareOptions::default()
+    };
+    let declared = channel
+        .queue_declare(queue.into(), passive, FieldTable::default())
+        .await
+        .ok()?;
+    let _ = channel.close(200, "looked".into()).await;
+    Some(declared.consumer_count())
 }
 
 /// Whether `queue` exists, as far as a passive declaration tells (on a

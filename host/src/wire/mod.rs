@@ -56,6 +56,12 @@ pub const TRACESTATE_HEADER: &str = "tracestate";
 /// came before the queue was bound): how many times it was.
 pub const FORWARDS_HEADER: &str = "x-wasmrpc-forwards";
 
+/// Set by a node on a request for a module it knows nothing of, which it
+/// publishes once more after a moment (a node may have just found the
+/// module's file): how many times it was. A request that comes back with it
+/// is answered `not_found`.
+pub const UNROUTED_HEADER: &str = "x-wasmrpc-unrouted";
+
 /// Set on a call a module makes to another module: how deep in a chain of
 /// such calls it is (1 for a call made by a module an outside caller
 /// called). A node refuses to make calls past its `--max-call-depth`.
@@ -179,13 +185,14 @@ pub struct NodeStatus {
     pub instances: u32,
     /// Requests in progress now.
     pub running: usize,
-    /// Whether it takes deploy orders (`serve --accept-deploys`); read
-    /// from `takes_deploys` too, as nodes before this release named it.
-    #[serde(default, alias = "takes_deploys")]
+    /// Whether it takes deploy orders (`serve --accept-deploys`); see
+    /// [`NodeStatus::accepts`].
+    #[serde(default)]
     pub accepts_deploys: bool,
-    /// `accepts_deploys` under its old name, written for readers of
-    /// `--json` made against it; it goes in the next release.
-    #[serde(default, skip_deserializing)]
+    /// `accepts_deploys` under its old name: written for readers of
+    /// `--json` made against it, read from nodes before this release; it
+    /// goes in the next release.
+    #[serde(default)]
     pub takes_deploys: bool,
     /// The largest module it takes in a deploy (`--deploy-limit`), if it
     /// takes deploys; its control queue holds orders up to twice that and
@@ -193,6 +200,13 @@ pub struct NodeStatus {
     #[serde(default)]
     pub deploy_limit: Option<u64>,
     pub modules: Vec<ModuleStatus>,
+}
+
+impl NodeStatus {
+    /// Whether the node takes deploy orders, under either name.
+    pub fn accepts(&self) -> bool {
+        self.accepts_deploys || self.takes_deploys
+    }
 }
 
 /// One module a node serves.
@@ -321,10 +335,17 @@ mod tests {
         let old = r#"{"node":"n","host":"h","version":"0.1.0","uptime_ms":1,
             "concurrency":2,"running":0,"takes_deploys":true,"modules":[]}"#;
         let status: NodeStatus = serde_json::from_str(old).unwrap();
-        assert!(status.accepts_deploys);
-        let shown = serde_json::to_value(&status).unwrap();
-        assert_eq!(shown["accepts_deploys"], true);
-        assert!(shown.get("takes_deploys").is_some());
+        assert!(status.accepts());
+        let new = NodeStatus {
+            accepts_deploys: true,
+            takes_deploys: true,
+            ..status
+        };
+        let shown = serde_json::to_string(&new).unwrap();
+        assert!(shown.contains(r#""accepts_deploys":true"#), "{shown}");
+        assert!(shown.contains(r#""takes_deploys":true"#), "{shown}");
+        let read: NodeStatus = serde_json::from_str(&shown).unwrap();
+        assert_eq!(read, new);
     }
 
     #[test]

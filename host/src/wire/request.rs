@@ -18,6 +18,7 @@ use crate::trace::TraceParent;
 use crate::wire::{
     ACQUIRED_COUNT_HEADER, BUDGET_HEADER, DEADLINE_HEADER, DELIVERY_COUNT_HEADER, DEPTH_HEADER,
     FORWARDS_HEADER, REPLY_LIMIT_HEADER, TIMEOUT_HEADER, TRACEPARENT_HEADER, TRACESTATE_HEADER,
+    UNROUTED_HEADER,
 };
 
 /// The pseudo-queue RabbitMQ routes direct replies through.
@@ -121,6 +122,9 @@ pub(crate) struct Request {
     pub queued: Option<Duration>,
     /// How many times nodes forwarded it to its module's queue.
     pub forwards: u64,
+    /// How many times a node that knew nothing of its module published it
+    /// again ([`UNROUTED_HEADER`]).
+    pub unrouted: u64,
     /// How deep in a chain of calls between modules it is (0: an outside
     /// caller's; one that cannot be read counts as the deepest).
     pub depth: u32,
@@ -187,6 +191,8 @@ impl Request {
                 .ok()
                 .flatten()
                 .unwrap_or(0),
+            // One that cannot be read counts as published again already.
+            unrouted: header_u64(headers, UNROUTED_HEADER).map_or(1, |hops| hops.unwrap_or(0)),
             depth: match header_u64(headers, DEPTH_HEADER) {
                 Ok(depth) => depth.map_or(0, |depth| u32::try_from(depth).unwrap_or(u32::MAX)),
                 Err(_) => u32::MAX,
