@@ -45,7 +45,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::amqp::{self, Brokers};
 use crate::logging::Escaped;
-use crate::reply_to::{Admission, BadReplyTo, BrokerNode, Nodes, ReplyRules, Route};
+use crate::reply_to::{BadReplyTo, BrokerNode, Clearance, Nodes, ReplyRules, Route};
 
 /// Why a reply did not go out.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -310,15 +310,15 @@ impl Replies {
                 .admit(&node)
         };
         match admit() {
-            Admission::Known => {
+            Clearance::Known => {
                 return self
                     .main
                     .send_as(to, properties, body, abandon, vouch)
                     .await;
             }
-            Admission::Refused => return Err(refused_lately()),
-            Admission::Unproven => return Err(ReplyError::Forbidden(BadReplyTo::Unproven)),
-            Admission::Trial => {}
+            Clearance::Refused => return Err(refused_lately()),
+            Clearance::Unproven => return Err(ReplyError::Forbidden(BadReplyTo::Unproven)),
+            Clearance::Trial => {}
         }
         let Some(_turn) = abandon.run_until_cancelled(self.turn.lock()).await else {
             self.tried(&node, None);
@@ -326,15 +326,15 @@ impl Replies {
         };
         // The reply on trial before this one may have settled it.
         match admit() {
-            Admission::Known => {
+            Clearance::Known => {
                 self.tried(&node, None);
                 return self
                     .main
                     .send_as(to, properties, body, abandon, vouch)
                     .await;
             }
-            Admission::Refused => return Err(refused_lately()),
-            Admission::Unproven | Admission::Trial => {}
+            Clearance::Refused => return Err(refused_lately()),
+            Clearance::Unproven | Clearance::Trial => {}
         }
         let sent = self
             .trial

@@ -272,7 +272,7 @@ pub struct Nodes {
 
 /// What a reply to a broker node may do now.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Admission {
+pub enum Clearance {
     /// Go out with the others: a reply reached the node.
     Known,
     /// Nothing: the broker refused a reply to it moments ago.
@@ -299,16 +299,16 @@ impl Nodes {
     /// What a reply to `node` may do: a node neither known nor refused
     /// takes one of the few trials a second, unless a reply to it is on
     /// trial already (then this one waits for that one's outcome).
-    pub fn admit(&mut self, node: &BrokerNode) -> Admission {
+    pub fn admit(&mut self, node: &BrokerNode) -> Clearance {
         match self.standing(node) {
-            Standing::Known => Admission::Known,
-            Standing::Refused => Admission::Refused,
-            Standing::Unknown if self.trying.contains(node) => Admission::Trial,
+            Standing::Known => Clearance::Known,
+            Standing::Refused => Clearance::Refused,
+            Standing::Unknown if self.trying.contains(node) => Clearance::Trial,
             Standing::Unknown if self.trials.take() => {
                 self.trying.push(node.clone());
-                Admission::Trial
+                Clearance::Trial
             }
-            Standing::Unknown => Admission::Unproven,
+            Standing::Unknown => Clearance::Unproven,
         }
     }
 
@@ -495,20 +495,20 @@ mod tests {
         let honest = BrokerNode(b"reply@1".to_vec());
         // A first burst of replies to one node: one trial, the rest wait.
         for _ in 0..100 {
-            assert_eq!(nodes.admit(&honest), Admission::Trial);
+            assert_eq!(nodes.admit(&honest), Clearance::Trial);
         }
         nodes.tried(&honest, Some(true));
-        assert_eq!(nodes.admit(&honest), Admission::Known);
+        assert_eq!(nodes.admit(&honest), Clearance::Known);
         // Made-up nodes, each a trial of its own: a few, then none.
         let made_up: Vec<_> = (0..20u32)
             .map(|n| nodes.admit(&BrokerNode(n.to_be_bytes().to_vec())))
             .collect();
-        let trials = made_up.iter().filter(|a| **a == Admission::Trial).count();
+        let trials = made_up.iter().filter(|a| **a == Clearance::Trial).count();
         assert_eq!(trials, TRIALS_AT_ONCE as usize - 1);
-        assert_eq!(made_up.last(), Some(&Admission::Unproven));
+        assert_eq!(made_up.last(), Some(&Clearance::Unproven));
         let bad = BrokerNode(0u32.to_be_bytes().to_vec());
         nodes.tried(&bad, Some(false));
-        assert_eq!(nodes.admit(&bad), Admission::Refused);
+        assert_eq!(nodes.admit(&bad), Clearance::Refused);
     }
 
     #[test]

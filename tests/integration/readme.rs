@@ -1,6 +1,7 @@
 //! What README.md shows works as shown.
 
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 use crate::support::{TestNode, amqp_url, guests};
 
@@ -461,5 +462,64 @@ async fn the_readme_rust_recipe_builds_where_it_says() {
         "HELLO\n",
         "{}",
         String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// The README's pika client with the change its note gives (publisher
+/// confirms), as a broker user allowed only `fib`, calling `sumfib`: told
+/// at once, by the broker's refusal, instead of waiting its 30 s.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_readme_python_client_with_confirms_is_told_a_refusal_at_once() {
+    let broker = crate::support::broker::PrivateBroker::start(&[]).await;
+    let exchange = crate::support::unique("refused");
+    let mut script = String::from("rabbitmqctl add_user alice secret\n");
+    for args in [
+        vec!["broker-permissions", "node", "--user", "guest"],
+        vec![
+            "broker-permissions",
+            "caller",
+            "--user",
+            "alice",
+            "--modules",
+            "fib",
+        ],
+    ] {
+        let output = crate::cli::run(crate::cli::wasmrpc(&exchange, &args)).await;
+        script += &String::from_utf8_lossy(&output.stdout);
+    }
+    broker.ctl(&script).await;
+    let url = broker.url();
+    let _node = TestNode::setup(&["fib", "sumfib"])
+        .exchange(&exchange)
+        .config(move |config| config.brokers = url.parse().unwrap())
+        .start()
+        .await;
+    let client = readme_block("python");
+    let line = "channel = connection.channel()\n";
+    assert!(
+        client.contains(line),
+        "the note's anchor line is in the client"
+    );
+    let client = client.replacen(line, &format!("{line}channel.confirm_delivery()\n"), 1);
+    let file = tempfile::NamedTempFile::with_suffix(".py").unwrap();
+    std::fs::write(file.path(), client).unwrap();
+    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+    let mut command = Command::new(python);
+    command
+        .arg(file.path())
+        .args(["sumfib", "1..3"])
+        .env("AMQP_URL", broker.url_as("alice", "secret"))
+        .env("WASMRPC_EXCHANGE", &exchange);
+    let started = Instant::now();
+    let output = tokio::task::spawn_blocking(move || command.output().unwrap())
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(stderr.contains("ACCESS_REFUSED"), "{stderr}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
     );
 }
