@@ -384,7 +384,8 @@ mod tests {
             &sent,
             (false, Stamps::DeliveryCount),
             received,
-            now + Duration::from_secs(2),
+            // Within its expiration: an older request cannot have a wait.
+            now + Duration::from_secs(1),
         );
         assert_eq!(request.reply_to.as_ref().unwrap().as_str(), DIRECT_REPLY_TO);
         assert_eq!(request.correlation_id.as_ref().unwrap().as_str(), "c-1");
