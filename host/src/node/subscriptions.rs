@@ -187,7 +187,8 @@ impl Subscriptions {
             "x-priority".into(),
             lapin::types::AMQPValue::LongInt(STAND_IN_PRIORITY),
         );
-        let deliveries = start_consuming_with(consume, &queue, &tag, arguments).await?;
+        let options = BasicConsumeOptions::default();
+        let deliveries = consume_with(consume, &queue, &tag, options, arguments).await?;
         self.modules.insert(name.clone(), Phase::StandIn { tag });
         self.want(name, true);
         self.streams
@@ -205,15 +206,8 @@ impl Subscriptions {
 
     /// Steps aside as a stand-in: another node consumes the queue.
     pub async fn step_aside(&mut self, consume: &Channel, name: &ModuleName) {
-        if let Some(Phase::StandIn { tag }) = self.modules.get(name) {
-            if let Err(error) = consume
-                .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
-                .await
-            {
-                tracing::warn!(module = %name, "failed to cancel the stand-in: {error}");
-            }
-            self.modules
-                .insert(name.clone(), Phase::Cancelling { come_back: false });
+        if self.standing_in(name).is_some() {
+            self.cancel(consume, name, false).await;
         }
     }
 
@@ -425,23 +419,6 @@ async fn start_consuming(
     consume_with(channel, queue, tag, options, FieldTable::default()).await
 }
 
-/// Consumes `queue` with acks and consumer `arguments` (a priority).
-async fn start_consuming_with(
-    channel: &Channel,
-    queue: &str,
-    tag: &str,
-    arguments: FieldTable,
-) -> anyhow::Result<Deliveries> {
-    consume_with(
-        channel,
-        queue,
-        tag,
-        BasicConsumeOptions::default(),
-        arguments,
-    )
-    .await
-}
-
 async fn consume_with(
     channel: &Channel,
     queue: &str,
@@ -578,23 +555,7 @@ pub(super) async fn consumers(connection: &Connection, queue: &str) -> Option<u3
     Some(declared.consumer_count())
 }
 
-/// Whether `queue` exists, as far as a passive declaration tells (on a
-/// channel of its own: the broker closes one that asks for a queue it does
-/// not have).
+/// Whether `queue` exists, as far as a passive declaration tells.
 async fn queue_exists(connection: &Connection, queue: &str) -> bool {
-    let Ok(channel) = connection.create_channel().await else {
-        return false;
-    };
-    let passive = QueueDeclareOptions {
-        passive: true,
-        ..QueueDeclareOptions::default()
-    };
-    let found = channel
-        .queue_declare(queue.into(), passive, FieldTable::default())
-        .await
-        .is_ok();
-    if found {
-        let _ = channel.close(200, "looked".into()).await;
-    }
-    found
+    consumers(connection, queue).await.is_some()
 }
